@@ -1,0 +1,64 @@
+"""PyTorch definitions of the zoo and `build_model`."""
+from __future__ import annotations
+
+import logging
+
+from ..errors import UserError
+from ..zoo import ModelSpec, Preprocessing, check_img_size, default_preprocessing, get_spec
+
+log = logging.getLogger("vit_deploy")
+
+
+def build_model(name: str, num_classes: int | None = None, img_size: int | None = None,
+                weights=None, *, checkpoint=None):
+    """Build a zoo variant in eval mode: float32 NCHW images -> logits.
+
+    num_classes and img_size default to what the weights say, else 1000 and 224.
+    `weights` is a local file or directory (timm, transformers, Google .npz or
+    vit-deploy layout) or a hub name; `checkpoint` an already read one.
+    The returned module carries `.preprocessing`, `.labels` and `.weights_sha256`.
+    """
+    import torch
+
+    from ..weights import apply_checkpoint, checkpoint_img_size, checkpoint_num_classes, read_checkpoint
+    from .vit import VisionTransformer
+
+    spec = get_spec(name)
+    ckpt = checkpoint if checkpoint is not None else (read_checkpoint(weights) if weights is not None else None)
+    if ckpt is not None:
+        num_classes = num_classes or checkpoint_num_classes(ckpt.state_dict) or 1000
+        img_size = img_size or checkpoint_img_size(ckpt.state_dict, spec.stride) or 224
+    num_classes, img_size = num_classes or 1000, img_size or 224
+    if num_classes < 1:
+        raise UserError(f"--num-classes must be at least 1, got {num_classes}")
+    check_img_size(spec, img_size)
+    model = VisionTransformer(spec, num_classes, img_size,
+                              layer_norm_eps=ckpt.layer_norm_eps if ckpt else None)
+    pre = default_preprocessing(spec, img_size)
+    labels = None
+    if ckpt is not None:
+        apply_checkpoint(model, ckpt)
+        if ckpt.preprocessing:
+            pre = Preprocessing.from_dict({**pre.to_dict(), **ckpt.preprocessing})
+        if ckpt.labels and len(ckpt.labels) == num_classes:
+            labels = ckpt.labels
+    model.preprocessing, model.labels = pre, labels
+    model.weights_sha256 = ckpt.sha256 if ckpt else None
+    model.weights_layout = ckpt.layout if ckpt else None
+    return model.eval().requires_grad_(False)
+
+
+def count_model(spec: ModelSpec, num_classes: int = 1000, img_size: int = 224) -> tuple[int, float]:
+    """Parameters and GFLOPs (2 x multiply-adds) of one image, computed on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .vit import VisionTransformer
+
+    with torch.device("meta"):
+        model = VisionTransformer(spec, num_classes, img_size).eval()
+        params = sum(p.numel() for p in model.parameters())
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.empty(1, 3, img_size, img_size))
+    return params, counter.get_total_flops() / 1e9

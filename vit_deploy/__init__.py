@@ -12,7 +12,7 @@ _API = {
     "list_models": "vit_deploy.zoo_table",
     "save_weights": "vit_deploy.weights",
     "export": "vit_deploy.pipeline",
-    "export_onnx": "vit_deploy.export",
+    "export_onnx": "vit_deploy.onnx_export",
     "quantize": "vit_deploy.quantize",
     "compile_bundle": "vit_deploy.compile",
     "check": "vit_deploy.parity",

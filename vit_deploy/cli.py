@@ -73,8 +73,171 @@ def models(as_json):
     click.echo("* hybrid: 1x1 patches on the 14x14x1024 map of a ResNet-50 v2 backbone (stages 3/4/9)")
 
 
+def _csv(ctx, param, value):
+    if value is None:
+        return None
+    return [x.strip() for v in (value if isinstance(value, tuple) else (value,)) for x in str(v).split(",") if x.strip()] or None
+
+
+@cli.command()
+@click.option("--model", "model_name", default="vit-b16", show_default=True, help="Zoo name (see `vit-deploy models`).")
+@click.option("--target", default="onnx", show_default=True,
+              help="onnx, onnxruntime, openvino, tensorrt or all (comma-separated for several).")
+@click.option("--precision", default=None, help="fp32, fp16, int8 (comma-separated); default by target.")
+@click.option("--weights", default=None, help="Checkpoint file/dir (timm, transformers, Google .npz, vit-deploy) or hub name.")
+@click.option("--num-classes", type=int, default=None, help="Default: from the weights, else 1000.")
+@click.option("--img-size", type=int, default=None, help="Default: from the weights, else 224.")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--max-batch", type=int, default=32, show_default=True)
+@click.option("--out", default="models", show_default=True, help="The bundle goes to OUT/MODEL/.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--calib-dir", default=None, help="Calibration images (default: the shipped photos).")
+@click.option("--calib-size", type=int, default=32, show_default=True)
+@click.option("--method", "calib_method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
+              show_default=True, help="Calibration method for INT8.")
+@click.option("--device", default="CPU", show_default=True, help="OpenVINO device: CPU, GPU, NPU, AUTO.")
+@click.option("--opt-batch", type=int, default=1, show_default=True, help="TensorRT profile's optimal batch.")
+@click.option("--workspace-mb", type=int, default=2048, show_default=True, help="TensorRT workspace limit.")
+@click.option("--dla-core", type=int, default=None, help="TensorRT on a Jetson's DLA core N.")
+@click.option("--no-check", is_flag=True, help="Skip the parity check at the end.")
+@click.option("--force", is_flag=True, help="Rebuild every stage even when its inputs are unchanged.")
+@click.option("--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
+@_handle_errors
+def export(model_name, target, precision, weights, num_classes, img_size, opset, max_batch, out, no_simplify,
+           calib_dir, calib_size, calib_method, device, opt_batch, workspace_mb, dla_core, no_check, force, quiet, as_json):
+    """Checkpoint -> ONNX -> [INT8] -> engines -> parity check, into one bundle."""
+    _setup_logging(quiet or as_json)
+    from .pipeline import export as run_export
+    manifest = run_export(model=model_name, target=target, precision=precision, weights=weights,
+                          num_classes=num_classes, img_size=img_size, opset=opset, max_batch=max_batch, out=out,
+                          simplify=not no_simplify, calib_dir=calib_dir, calib_size=calib_size,
+                          calib_method=calib_method, device=device, opt_batch=opt_batch, workspace_mb=workspace_mb,
+                          dla_core=dla_core, check=not no_check, force=force, quiet=quiet or as_json)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    elif not quiet:
+        from .info import format_summary
+        click.echo(format_summary(manifest, out_dir=f"{out}/{model_name}"))
+    if manifest.get("parity") and not manifest["parity"]["passed"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("model_path", type=click.Path(dir_okay=False))
+@click.option("--calib-dir", default=None, help="Calibration images (default: the shipped photos).")
+@click.option("--calib-size", type=int, default=32, show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile", show_default=True)
+@click.option("--exclude", multiple=True, help="Keep nodes matching this glob in float (repeatable).")
+@click.option("--attention", is_flag=True, help="Also quantize the attention MatMuls (activation x activation).")
+@click.option("--max-drop", type=float, default=None, help="Return layers to float until top-1 agreement >= 1 - X.")
+@click.option("--img-size", type=int, default=None, help="For ONNX files without vit-deploy metadata.")
+@click.option("--mean", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
+@click.option("--std", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
+@click.option("--out", default=None, help="Default: MODEL.int8.onnx beside the input.")
+@click.option("--report", is_flag=True, help="Print the per-layer table.")
+@_handle_errors
+def quantize(model_path, calib_dir, calib_size, method, exclude, attention, max_drop, img_size, mean, std, out, report):
+    """Any ViT ONNX model -> INT8 Q/DQ ONNX from calibration images."""
+    _setup_logging(False)
+    from .images import default_calibration_dir
+    from .quantize import format_report, quantize as run_quantize
+    triple = lambda v, name: _triple(v, name)  # noqa: E731
+    result = run_quantize(model_path, calib_dir or default_calibration_dir(), out, method=method, exclude=exclude,
+                          calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=triple(mean, "--mean"),
+                          std=triple(std, "--std"), attention=attention, report=report)
+    if report:
+        click.echo(format_report(result.report))
+    click.echo(f"wrote {result.path}: {len(result.quantized)} matrix products in INT8, {len(result.excluded)} in float"
+               + (f", top-1 agreement {result.agreement:.4f}" if result.agreement is not None else ""))
+
+
+def _triple(value, name):
+    if value is None:
+        return None
+    try:
+        t = tuple(float(x) for x in value.split(","))
+    except ValueError:
+        t = ()
+    if len(t) != 3:
+        raise UserError(f"{name} takes three comma-separated numbers, got '{value}'")
+    return t
+
+
+@cli.command(name="compile")
+@click.argument("bundle", type=click.Path())
+@click.option("--target", default="all", show_default=True)
+@click.option("--precision", default=None)
+@click.option("--device", default="CPU", show_default=True)
+@click.option("--opt-batch", type=int, default=1, show_default=True)
+@click.option("--workspace-mb", type=int, default=2048, show_default=True)
+@click.option("--dla-core", type=int, default=None)
+@click.option("--force", is_flag=True)
+@_handle_errors
+def compile_cmd(bundle, target, precision, device, opt_batch, workspace_mb, dla_core, force):
+    """Build runtime artifacts for a bundle that already holds its ONNX files."""
+    _setup_logging(False)
+    from .compile import compile_bundle
+    from .info import format_summary
+    manifest = compile_bundle(bundle, target=target, precision=precision, device=device, force=force,
+                              opt_batch=opt_batch, workspace_mb=workspace_mb, dla_core=dla_core)
+    click.echo(format_summary(manifest, out_dir=bundle))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--images", default=None, help="More images to check on.")
+@click.option("--labels-dir", default=None, help="Labeled images: one folder per class, or a CSV of file,label.")
+@click.option("--backends", default=None, callback=_csv, help="Only these backends (comma-separated).")
+@click.option("--weights", default=None, help="The weights the bundle was built from, if they moved.")
+@click.option("--max-images", type=int, default=64, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "json_out", default=None, help="Write the report as JSON.")
+@click.option("--markdown", default=None, help="Write the table as markdown.")
+@click.option("--junit", default=None, help="Write JUnit XML for CI.")
+@click.option("--save-golden", default=None, help="Store inputs and reference logits in FILE (.npz).")
+@click.option("--golden", default=None, help="Compare with a golden FILE instead of PyTorch.")
+@click.option("--set", "overrides", multiple=True, help="Override a threshold: PRECISION.METRIC=VALUE, e.g. int8.min_cosine=0.98")
+@_handle_errors
+def check(bundle, images, labels_dir, backends, weights, max_images, threads, json_out, markdown, junit,
+          save_golden, golden, overrides):
+    """Compare every artifact of BUNDLE with the PyTorch reference (or golden outputs)."""
+    _setup_logging(False)
+    from .errors import CheckFailed
+    from .parity import check as run_check, format_table
+    thresholds = {}
+    for o in overrides:
+        try:
+            key, value = o.split("=")
+            prec, metric = key.split(".")
+            thresholds.setdefault(prec, {})[metric] = float(value)
+        except ValueError:
+            raise UserError(f"--set takes PRECISION.METRIC=VALUE, got '{o}'") from None
+    try:
+        report = run_check(bundle, images=images, labels_dir=labels_dir, backends=backends, json_out=json_out,
+                           markdown=markdown, junit=junit, save_golden_to=save_golden, golden=golden,
+                           thresholds=thresholds, weights=weights, max_images=max_images, threads=threads)
+    except CheckFailed as e:
+        if getattr(e, "report", None):
+            click.echo(format_table(e.report))
+        raise
+    click.echo(format_table(report))
+
+
 def main():
-    cli(prog_name="vit-deploy")
+    try:
+        cli.main(prog_name="vit-deploy", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:
+        # one line instead of click's usage block
+        hint = f" (see vit-deploy {e.ctx.command_path.split(' ', 1)[1]} --help)" if e.ctx and " " in e.ctx.command_path else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

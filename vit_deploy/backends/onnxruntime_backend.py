@@ -1,0 +1,68 @@
+"""ONNX Runtime: the graph-optimized model saved offline, run on the CPU provider."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import Runner
+
+RUNTIME = "onnxruntime"
+
+
+def available() -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "ONNX Runtime is not installed: pip install onnxruntime"
+    return None
+
+
+def _options(threads: int | None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or 0
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[list[str], dict]:
+    """Apply ORT's offline graph optimizations and save the result.
+
+    EXTENDED (not ALL): ALL adds layout transforms tied to this CPU's
+    instruction set, which ORT documents as unsafe to save for other machines."""
+    import onnxruntime as ort
+    so = _options(options.get("threads"))
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(out)
+    large = (onnx_path.parent / (onnx_path.name + ".data")).exists()
+    if large:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    files = [out.name] + ([out.name + ".data"] if large else [])
+    return files, {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "runtime_version": ort.__version__}
+
+
+class OrtRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, max_batch: int, img_size: int, threads: int | None):
+        import onnxruntime as ort
+        super().__init__(max_batch, img_size)
+        so = _options(threads)
+        # ALL at load time: the saved model already has the portable rewrites; the
+        # layout transforms for this very CPU are applied here, where it is known.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: images})[0]
+
+
+def open(path: Path, artifact: dict, options: dict) -> Runner:
+    r = OrtRunner(path, options["max_batch"], options["img_size"], options.get("threads"))
+    r.name = f"{artifact['backend']}-{artifact['precision']}"
+    return r

@@ -1,0 +1,89 @@
+"""Stage: the bundle's ONNX files -> one artifact per runtime and precision."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .backends import backend, require_runtimes
+from .bundle import Bundle
+from .errors import UserError
+
+log = logging.getLogger("vit_deploy")
+
+# What each runtime builds for each precision, from which ONNX precision, and the file name.
+RECIPES = {
+    ("onnxruntime", "fp32"): ("fp32", "model.ort.onnx"),
+    ("onnxruntime", "int8"): ("int8", "model.int8.ort.onnx"),
+    ("openvino", "fp32"): ("fp32", "openvino/model.fp32.xml"),
+    ("openvino", "fp16"): ("fp32", "openvino/model.fp16.xml"),
+    ("openvino", "int8"): ("int8", "openvino/model.int8.xml"),
+    ("tensorrt", "fp32"): ("fp32", "tensorrt/model.fp32.engine"),
+    ("tensorrt", "fp16"): ("fp32", "tensorrt/model.fp16.engine"),
+    ("tensorrt", "int8"): ("int8", "tensorrt/model.int8.engine"),
+}
+NOT_BUILT = {("onnxruntime", "fp16"): "ONNX Runtime's CPU provider has no fast FP16 kernels"}
+
+
+def stage_compile(tx, runtimes, precisions, *, max_batch: int, device: str = "CPU", force: bool = False,
+                  stages=None, opt_batch: int = 1, workspace_mb: int = 2048, dla_core: int | None = None,
+                  threads: int | None = None, strict: bool = True) -> list[dict]:
+    from .versions import cache_key, version_of
+
+    bundle = tx.bundle
+    built = []
+    for runtime in runtimes:
+        mod = backend(runtime)
+        for precision in precisions:
+            if (runtime, precision) in NOT_BUILT:
+                log.info("[compile] %s %s skipped: %s", runtime, precision, NOT_BUILT[(runtime, precision)])
+                continue
+            src_precision, rel = RECIPES[(runtime, precision)]
+            src = bundle.find("onnx", src_precision)
+            if src is None and not strict:
+                log.info("[compile] %s %s skipped: the bundle has no %s ONNX", runtime, precision, src_precision)
+                continue
+            if src is None:
+                raise UserError(f"{bundle.dir}: has no {src_precision} ONNX to build {runtime} {precision} from; "
+                                f"export with --precision {src_precision}")
+            options = {"max_batch": max_batch, "device": device, "img_size": bundle.manifest["model"]["img_size"],
+                       "opt_batch": opt_batch, "workspace_mb": workspace_mb, "dla_core": dla_core,
+                       "threads": threads, "bundle_dir": str(bundle.dir)}
+            key = cache_key(src=src["sha256"], runtime=runtime, precision=precision, version=version_of(
+                {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}[runtime]),
+                options={k: v for k, v in options.items() if k not in ("bundle_dir", "threads")})
+            old = bundle.reusable(runtime, precision, key, force)
+            if old:
+                built.append(old)
+                continue
+            src_path = bundle.verify(src)
+            out = tx.stage(rel)
+            label = f"compile {runtime} {precision}"
+            run = stages.run if stages else (lambda _n, f, *a, **k: f(*a, **k))
+            files, extras = run(label, mod.compile, src_path, out, precision, options)
+            prefix = str(Path(rel).parent)
+            rels = [f if prefix == "." else f"{prefix}/{f}" for f in files]
+            extra = extras.pop("extra_files", [])
+            for f in extra:  # e.g. TensorRT's timing cache: kept in the bundle, not hashed as the artifact
+                tx.stage(f if prefix == "." else f"{prefix}/{f}")
+            entry = {"backend": runtime, "precision": precision, "source": src["path"], "cache_key": key,
+                     "max_batch": max_batch, **extras}
+            built.append(tx.add_artifact(entry, rels))
+    return built
+
+
+def compile_bundle(bundle_dir, target: str = "all", precision=None, device: str = "CPU", force: bool = False,
+                   opt_batch: int = 1, workspace_mb: int = 2048, dla_core: int | None = None, quiet: bool = False) -> dict:
+    """`vit-deploy compile`: build runtime artifacts for a bundle that already holds its ONNX files."""
+    from .pipeline import Stages, plan_targets
+
+    Bundle.open(bundle_dir)  # a clear error when it is not a bundle
+    runtimes, precisions = plan_targets(target, precision)
+    runtimes, skipped = require_runtimes(runtimes, skip_missing=target == "all")
+    with Bundle.writing(bundle_dir) as tx:
+        stage_compile(tx, runtimes, precisions, max_batch=tx.manifest.get("max_batch", 32), device=device,
+                      force=force, stages=Stages(quiet), opt_batch=opt_batch, workspace_mb=workspace_mb,
+                      dla_core=dla_core, strict=precision is not None)
+        if skipped:
+            tx.manifest["skipped_targets"] = skipped
+        tx.commit()
+        return tx.manifest

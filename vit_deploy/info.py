@@ -1,0 +1,58 @@
+"""Readable summaries of a bundle's manifest (`vit-deploy info`, the end of `export`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .bundle import Bundle
+
+
+def _size(path: Path, files: dict) -> int:
+    return sum((path / f).stat().st_size for f in files if (path / f).exists())
+
+
+def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
+    m, pre = manifest["model"], manifest["preprocessing"]
+    d = Path(out_dir) if out_dir else None
+    w = manifest["source"].get("weights")
+    lines = [f"model      {m['name']}  {m['img_size']} px, {m['num_classes']} classes"
+             + (", labelled" if m.get("labels") else ""),
+             f"weights    {w['path']} ({w['layout']}, sha256 {w['sha256'][:12]}...)" if w else
+             f"weights    random (seed {manifest['source'].get('seed', 0)}): for testing the pipeline only",
+             f"preprocess resize {pre['resize_size']} {pre['interpolation']}, crop {pre['img_size']}, "
+             f"mean {tuple(pre['mean'])}, std {tuple(pre['std'])}",
+             "artifacts"]
+    for a in manifest["artifacts"]:
+        size = f"{_size(d, a.get('files', {})) / 1e6:8.1f} MB" if d else ""
+        status = ""
+        if verify and d:
+            try:
+                Bundle(d, manifest).verify(a)
+                status = "  sha256 ok"
+            except Exception as e:  # reported, not raised: info shows the state
+                status = f"  CHANGED: {str(e).split(':')[0]}"
+        lines.append(f"  {a['backend'] + '-' + a['precision']:<18} {a['path']:<32} {size}  sha256 {a['sha256'][:12]}{status}")
+    for s in manifest.get("skipped_targets") or []:
+        lines.append(f"  skipped {s['runtime']}: {s['reason']}")
+    p = manifest.get("parity")
+    if p:
+        verdict = "PASSED" if p["passed"] else "FAILED"
+        lines.append(f"parity     {verdict} on {p['images']} images against {p['reference']} ({p['checked']})")
+        for name, r in p["results"].items():
+            lines.append(f"  {name:<18} max abs {r['max_abs']:.2e}  min cosine {r['min_cosine']:.5f}  "
+                         f"top-1 agreement {r['top1_agreement']:.3f}  {'ok' if r['passed'] else 'FAIL'}")
+    lat = manifest.get("latency")
+    if lat:
+        lines.append(f"latency    {lat.get('machine', '')} ({lat.get('measured', '')})")
+        for r in lat.get("results", []):
+            lines.append(f"  {r['artifact']:<18} batch {r['batch']:<3} p50 {r['p50_ms']:8.2f} ms  {r['throughput']:8.1f} img/s")
+    if manifest.get("last_export"):
+        t = manifest["last_export"]["stage_seconds"]
+        lines.append("stages     " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    if d:
+        lines.append(f"bundle     {d}")
+    return "\n".join(lines)
+
+
+def info(bundle_dir) -> str:
+    b = Bundle.open(bundle_dir)
+    return format_summary(b.manifest, b.dir, verify=True)

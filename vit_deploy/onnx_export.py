@@ -1,0 +1,174 @@
+"""Stage: a built torch model -> a verified, simplified ONNX file with a dynamic batch."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import onnx_io
+from .errors import CheckFailed, UserError
+
+log = logging.getLogger("vit_deploy")
+
+OPSET_RANGE = (14, 20)
+INPUT, OUTPUT = "images", "logits"
+VERIFY_BATCHES = (1, 4)
+# MatMul + Add stays as it is: Reshape-Gemm-Reshape on 3-D activations hides the
+# pattern that ONNX Runtime fuses into INT8 kernels (MatMulIntegerToFloat).
+KEEP_MATMUL = ["fuse_matmul_add_bias_into_gemm", "fuse_matmul_add_bias_into_gemm_batched"]  # both differ from the trace batch (2): a baked batch cannot pass
+
+
+def check_opset(opset: int) -> None:
+    lo, hi = OPSET_RANGE
+    if not lo <= opset <= hi:
+        raise UserError(f"opset {opset} is not supported: choose {lo} to {hi} (17 gives one LayerNormalization op; "
+                        f"use 14-16 only for runtimes that cannot parse it, such as TensorRT 8.6 on old JetPacks)")
+
+
+def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None) -> list[str]:
+    """torch -> ONNX at `path`; returns the files written. Weight standardization is folded first."""
+    import torch
+
+    from .models.resnetv2 import fold_weight_standardization
+
+    check_opset(opset)
+    folded = fold_weight_standardization(model)
+    if folded:
+        log.info("folded weight standardization into %d convs", folded)
+    size = model.img_size
+    dummy = torch.randn(2, 3, size, size)
+    tmp_dir = path.parent / (path.name + ".parts")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    raw = tmp_dir / "model.onnx"
+    # The TorchScript exporter: no extra dependency, deterministic output, and
+    # opset >= 17 gives LayerNormalization. It writes one file per tensor past 2 GB.
+    with torch.no_grad(), _quiet_exporter():
+        torch.onnx.export(model, (dummy,), str(raw), dynamo=False, opset_version=opset,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                          do_constant_folding=True)
+    proto = onnx_io.load(raw)
+    proto.producer_name = "vit-deploy"
+    onnx_io.set_metadata(proto, metadata or {})
+    files = onnx_io.save(proto, path)
+    del proto
+    import shutil
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return files
+
+
+class _quiet_exporter:
+    """The legacy exporter warns about every traced shape; those warnings are noise here."""
+
+    def __enter__(self):
+        import warnings
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
+
+
+def ort_session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def random_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def simplify_onnx(path: Path) -> tuple[bool, str]:
+    """onnxsim in place, accepted only if it gives the unsimplified model's outputs."""
+    import onnxsim
+
+    large = (path.parent / (path.name + ".data")).exists()
+    candidate = path.with_name(path.name + ".simplified.onnx")
+    try:
+        if large:
+            # onnxsim serializes the model it works on, which protobuf caps at 2 GB.
+            # It gets the graph with the external weights as stub inputs instead;
+            # they go back as references into the same data file, never copied.
+            light = onnx_io.load(path, with_weights=False)
+            simplified = _simplify_weights_as_inputs(light)
+            import onnx
+            onnx.save_model(simplified, str(candidate))
+            files = [candidate.name]
+        else:
+            simplified, ok = onnxsim.simplify(onnx_io.load(path), skipped_optimizers=KEEP_MATMUL)
+            if not ok:
+                return False, "onnxsim's own check failed"
+            files = onnx_io.save(simplified, candidate, external=False)
+        del simplified
+    except Exception as e:  # onnxsim raises many kinds; the export stays usable without it
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return False, f"onnxsim failed: {type(e).__name__}: {msg}"
+    try:
+        size = _input_size(path)
+        for batch in (1, 3):
+            x = random_images(batch, size, seed=batch)
+            a = ort_session(path).run(None, {INPUT: x})[0]
+            b = ort_session(candidate).run(None, {INPUT: x})[0]
+            diff = float(np.abs(a - b).max())
+            if diff > 1e-5 * max(1.0, float(np.abs(a).max())):
+                return False, f"simplified model differs from the original by {diff:.2e} at batch {batch}"
+        import os
+        os.replace(candidate, path)  # the data file (large case) is shared and unchanged
+        return True, "simplified with onnxsim and checked against the unsimplified model"
+    finally:
+        for f in files:
+            (path.parent / f).unlink(missing_ok=True)
+
+
+def _simplify_weights_as_inputs(light):
+    """Simplify a model loaded without its external data."""
+    import onnx
+    import onnxsim
+
+    external = {t.name: t for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    graph = light.graph
+    stubs = [onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims)) for n, t in external.items()]
+    kept = [t for t in graph.initializer if t.name not in external]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.input.extend(stubs)
+    simplified, _ = onnxsim.simplify(light, check_n=0, skipped_optimizers=KEEP_MATMUL)
+    used = {i for n in simplified.graph.node for i in n.input} | {o.name for o in simplified.graph.output}
+    sg = simplified.graph
+    inputs = [i for i in sg.input if i.name not in external]
+    del sg.input[:]
+    sg.input.extend(inputs)
+    sg.initializer.extend(t for n, t in external.items() if n in used)
+    return simplified
+
+
+def _input_size(path: Path) -> int:
+    model = onnx_io.load(path, with_weights=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return int(dims[2].dim_value)
+
+
+def verify_onnx(path: Path, model, tol: float = 1e-4) -> dict:
+    """ONNX Runtime vs PyTorch at two batch sizes; raises CheckFailed past `tol` (relative to the logit scale)."""
+    import torch
+    sess = ort_session(path)
+    result = {}
+    for batch in VERIFY_BATCHES:
+        x = random_images(batch, model.img_size, seed=100 + batch)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = sess.run(None, {INPUT: x})[0]
+        if got.shape != ref.shape:
+            raise CheckFailed(f"{path.name}: ONNX Runtime output shape {got.shape} at batch {batch}, PyTorch {ref.shape}")
+        diff = float(np.abs(got - ref).max())
+        result[f"batch{batch}_max_abs_diff"] = diff
+        if diff > tol * max(1.0, float(np.abs(ref).max())):
+            raise CheckFailed(f"{path.name}: ONNX Runtime differs from PyTorch by {diff:.2e} at batch {batch}")
+    result["tolerance"] = tol
+    return result

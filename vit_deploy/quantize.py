@@ -125,32 +125,31 @@ def _batches(x: np.ndarray, size: int = 8):
         yield x[i:i + size]
 
 
-def entropy_threshold(hist: np.ndarray, edges: np.ndarray, levels: int = 128) -> float:
-    """TensorRT-style KL-divergence calibration on a histogram of |x|."""
+def entropy_threshold(hist: np.ndarray, upper_edges: np.ndarray, levels: int = 128) -> float:
+    """TensorRT-style KL-divergence calibration on a histogram of |x|: the clipping
+    threshold whose 128-level quantization loses the least information."""
     hist = hist.astype(np.float64)
     n = len(hist)
+    nonzero = (hist > 0).astype(np.float64)
     best, best_i = np.inf, n
     for i in range(levels, n + 1, max(1, n // 256)):
-        ref = hist[:i].copy()
-        ref[i - 1] += hist[i:].sum()  # clip the tail into the last bin
-        nz = ref > 0
-        # quantize the first i bins into `levels` levels, spread back over the non-empty bins
-        chunks = np.array_split(np.arange(i), levels)
-        q = np.zeros(i)
-        for c in chunks:
-            mask = hist[c] > 0
-            if mask.any():
-                q[c[mask]] = hist[c].sum() / mask.sum()
-        p = ref / ref.sum()
-        qs = q.sum()
-        if qs == 0:
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()  # the clipped tail lands in the last bin
+        bounds = np.linspace(0, i, levels + 1).astype(int)
+        sums = np.add.reduceat(hist[:i], bounds[:-1])
+        counts = np.add.reduceat(nonzero[:i], bounds[:-1])
+        chunk = np.repeat(np.arange(levels), np.diff(bounds))
+        q = np.where(nonzero[:i] > 0, (sums / np.maximum(counts, 1))[chunk], 0.0)
+        if q.sum() == 0 or p.sum() == 0:
             continue
-        q = q / qs
-        valid = nz & (q > 0)
-        kl = np.sum(p[valid] * np.log(p[valid] / q[valid])) + (1e9 if (nz & (q == 0)).any() else 0.0)
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        if (q[mask] == 0).any():
+            continue  # infinite divergence
+        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
         if kl < best:
             best, best_i = kl, i
-    return float(edges[best_i])
+    return float(upper_edges[best_i - 1])
 
 
 def collect_amax(model_path: Path, tensors: list[str], images: np.ndarray, method: str) -> dict[str, float]:

@@ -276,16 +276,24 @@ def read_checkpoint(weights: str | os.PathLike) -> Checkpoint:
     elif layout == OWN_FORMAT:
         labels = json.loads(meta["labels"]) if meta.get("labels") else None
         eps = float(meta["layer_norm_eps"]) if meta.get("layer_norm_eps") else None
+        if meta.get("preprocessing"):
+            pre = {k: v for k, v in json.loads(meta["preprocessing"]).items()
+                   if k in ("crop_pct", "interpolation", "mean", "std")}
     return Checkpoint(sd, layout, path, sha256_file(path), eps, labels, pre)
 
 
-def save_weights(model, path: str | os.PathLike, labels: list[str] | None = None) -> None:
-    """Write a model's weights in vit-deploy's own layout (safetensors + metadata)."""
+def save_weights(model, path: str | os.PathLike, labels: list[str] | None = None, preprocessing=None) -> None:
+    """Write a model's weights in vit-deploy's own layout (safetensors + metadata:
+    labels and preprocessing travel with the weights)."""
     from safetensors.torch import save_file
     meta = {"format": OWN_FORMAT, "model": model.spec.name,
             "layer_norm_eps": str(model.norm.eps), "img_size": str(model.img_size)}
+    labels = labels or getattr(model, "labels", None)
     if labels:
         meta["labels"] = json.dumps(labels)
+    pre = preprocessing or getattr(model, "preprocessing", None)
+    if pre is not None:
+        meta["preprocessing"] = json.dumps(pre.to_dict() if hasattr(pre, "to_dict") else pre)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     from .atomic import atomic_path
     with atomic_path(path) as tmp:

@@ -1,0 +1,138 @@
+"""ONNX export: dynamic batch, LayerNorm as one op, folded weight standardization,
+metadata, manifest, verification, bad input, atomic writes."""
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from vit_deploy import Bundle, build_model
+from vit_deploy.onnx_export import ort_session
+from vit_deploy.pipeline import export
+
+timm = pytest.importorskip("timm")
+
+
+def _ops(path):
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles")
+    manifest = export(model="vit-ti16", num_classes=10, img_size=64, out=out, check=False, quiet=True)
+    return out / "vit-ti16", manifest
+
+
+@pytest.mark.parametrize("timm_name,name", [
+    ("vit_base_patch16_224", "vit-b16"), ("vit_base_patch32_224", "vit-b32"),
+    ("vit_base_r50_s16_224", "r50-vit-b16"),
+    pytest.param("vit_large_patch16_224", "vit-l16", marks=pytest.mark.heavy),
+])
+def test_onnxruntime_matches_pytorch_at_batch_1_and_4(tmp_path, timm_name, name):
+    torch.manual_seed(0)
+    ref = timm.create_model(timm_name, num_classes=1000).eval()
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    manifest = export(model=name, weights=str(tmp_path / "w.pth"), out=tmp_path, check=False, quiet=True)
+    path = tmp_path / name / "model.onnx"
+    sess = ort_session(path)
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            want = ref(x).numpy()
+        got = sess.run(None, {"images": x.numpy()})[0]
+        assert np.abs(got - want).max() <= 1e-4, (name, batch, np.abs(got - want).max())
+    onnx_art = manifest["artifacts"][0]
+    assert onnx_art["verification"]["batch4_max_abs_diff"] <= 1e-4
+    ops = _ops(path)
+    layers = manifest["model"]["layers"]
+    assert ops["LayerNormalization"] == 2 * layers + 1 and "ReduceMean" not in ops and "Pow" not in ops
+    if name == "r50-vit-b16":
+        # weight standardization folded: no statistics over conv weights in the graph
+        convs_on_weights = [n for n in onnx.load(str(path)).graph.node if n.op_type in ("ReduceMean", "Sqrt")]
+        assert not convs_on_weights
+
+
+def test_graph_interface_and_metadata(tiny_bundle):
+    bundle_dir, manifest = tiny_bundle
+    model = onnx.load(str(bundle_dir / "model.onnx"))
+    assert model.opset_import[0].version == 17
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "images" and out.name == "logits"
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert out.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [3, 64, 64]
+    meta = {p.key: p.value for p in model.metadata_props}
+    pre = json.loads(meta["vit_deploy.preprocessing"])
+    assert pre["img_size"] == 64 and pre["mean"] == [0.5, 0.5, 0.5] and pre["interpolation"] == "bicubic"
+    assert json.loads(meta["vit_deploy.num_classes"]) == 10
+    versions = json.loads(meta["vit_deploy.versions"])
+    assert versions["torch"] and versions["onnx"] and versions["vit-deploy"]
+    assert manifest["preprocessing"] == pre
+
+
+def test_manifest_lists_artifacts_with_hashes(tiny_bundle):
+    bundle_dir, _ = tiny_bundle
+    b = Bundle.open(bundle_dir)
+    art = b.find("onnx", "fp32")
+    assert {"backend", "precision", "path", "sha256"} <= set(art)
+    b.verify(art)
+    assert art["simplified"] and "batch1_max_abs_diff" in art["verification"]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_dynamic_batch_any_size(tiny_bundle, batch):
+    bundle_dir, _ = tiny_bundle
+    x = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32)
+    assert ort_session(bundle_dir / "model.onnx").run(None, {"images": x})[0].shape == (batch, 10)
+
+
+@pytest.mark.parametrize("opset", [14, 20])
+def test_other_opsets(tmp_path, opset):
+    export(model="vit-ti16", num_classes=3, img_size=32, opset=opset, out=tmp_path, check=False, quiet=True)
+    ops = _ops(tmp_path / "vit-ti16" / "model.onnx")
+    assert onnx.load(str(tmp_path / "vit-ti16" / "model.onnx")).opset_import[0].version == opset
+    assert ("LayerNormalization" in ops) == (opset >= 17)
+
+
+def test_simplifier_failure_keeps_the_unsimplified_model(tmp_path, monkeypatch, caplog):
+    import onnxsim
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated onnxsim crash")
+    monkeypatch.setattr(onnxsim, "simplify", broken)
+    with caplog.at_level("WARNING", logger="vit_deploy"):
+        m = export(model="vit-ti16", num_classes=3, img_size=32, out=tmp_path, check=False, quiet=True)
+    art = m["artifacts"][0]
+    assert not art["simplified"] and "simulated onnxsim crash" in art["simplify_note"]
+    assert any("unsimplified" in r.getMessage() for r in caplog.records)
+    assert art["verification"]["batch4_max_abs_diff"] < 1e-4
+
+
+def test_external_data_is_one_file(tmp_path, monkeypatch):
+    """Past the 2 GB limit weights go to one model.onnx.data; forced here on a small model."""
+    import vit_deploy.onnx_io as io
+    monkeypatch.setattr(io, "EXTERNAL_THRESHOLD", 1000)
+    m = export(model="vit-ti16", num_classes=3, img_size=32, out=tmp_path, check=False, quiet=True)
+    files = sorted(p.name for p in (tmp_path / "vit-ti16").iterdir() if not p.name.startswith("."))
+    assert files == ["manifest.json", "model.onnx", "model.onnx.data"]
+    art = m["artifacts"][0]
+    assert set(art["files"]) == {"model.onnx", "model.onnx.data"} and art["simplified"]
+    assert (tmp_path / "vit-ti16" / "model.onnx").stat().st_size < 200_000
+
+
+def test_bad_opset_and_image_size(tmp_path):
+    code, _, err = run_cli("export", "--model", "vit-ti16", "--opset", "12", "--out", tmp_path)
+    assert_one_line_error(code, err, "opset 12", "14 to 20")
+    code, _, err = run_cli("export", "--model", "vit-b16", "--img-size", "200", "--out", tmp_path)
+    assert_one_line_error(code, err, "200", "16")
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli("export", "--model", "vit-ti16", "--out", blocker / "sub")
+    assert_one_line_error(code, err, "cannot write")

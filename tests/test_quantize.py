@@ -1,0 +1,161 @@
+"""INT8 Q/DQ: the recipe (what is quantized, symmetric, per channel), fidelity on held-out
+photos, calibration data handling and caching, the per-layer report, the fallback."""
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import assert_one_line_error, run_cli
+from vit_deploy.errors import CheckFailed, UserError
+from vit_deploy.images import list_images
+from vit_deploy.onnx_export import ort_session
+from vit_deploy.pipeline import export
+from vit_deploy.quantize import quantize
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q")
+    export(model="vit-ti16", num_classes=10, img_size=64, out=out, check=False, quiet=True)
+    return out / "vit-ti16" / "model.onnx"
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_DEPLOY_CACHE", str(tmp_path / "cache"))
+
+
+def test_recipe_symmetric_per_channel_and_what_stays_float(tiny, calib_dir, tmp_path):
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8)
+    m = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zp = inits[n.input[2]]
+            assert zp.dtype == np.int8 and not zp.any(), n.name  # zero point 0: TensorRT's requirement
+    # every MatMul with a weight, and the patch Conv, read both inputs through DequantizeLinear ...
+    quantized = [n for n in m.graph.node if n.op_type in ("MatMul", "Conv", "Gemm")
+                 and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input[:2])]
+    assert any(n.op_type == "Conv" for n in quantized)
+    assert len(quantized) == len(r.quantized) == 4 * 12 + 1
+    # ... with per-channel weight scales
+    for n in quantized:
+        dq = producers[n.input[1]]
+        assert inits[dq.input[0]].dtype == np.int8 and inits[dq.input[1]].ndim == 1 and inits[dq.input[1]].size > 1
+    # LayerNorm, Softmax, GELU (Erf), residual Adds and the head stay float
+    for n in m.graph.node:
+        if n.op_type in ("LayerNormalization", "Softmax", "Erf", "Add"):
+            assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in n.input), n.name
+    assert r.excluded == ["/head/MatMul"] or any("head" in e for e in r.excluded)
+
+
+def test_fidelity_on_held_out_photos_ort_and_openvino(tiny, calib_dir, tmp_path):
+    pytest.importorskip("openvino")
+    import openvino as ov
+    from vit_deploy.images import load_images
+    from vit_deploy.quantize import cosine, preprocessing_of
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=32)
+    held = [p for p in list_images(calib_dir) if p.name in set(r.held_out_images)]
+    assert len(held) >= 16 and not set(r.held_out_images) & set(r.calibration_images)
+    x, _ = load_images(held, preprocessing_of(onnx.load(str(tiny))))
+    ref = ort_session(tiny).run(None, {"images": x})[0]
+    q_ort = ort_session(tmp_path / "q.onnx").run(None, {"images": x})[0]
+    q_ov = ov.Core().compile_model(str(tmp_path / "q.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({0: x})[0]
+    assert cosine(ref, q_ort).min() >= 0.99 and cosine(ref, q_ov).min() >= 0.99
+
+
+def test_calibration_is_cached(tiny, calib_dir, tmp_path):
+    first = quantize(tiny, calib_dir, tmp_path / "a.onnx", calib_size=4)
+    second = quantize(tiny, calib_dir, tmp_path / "b.onnx", calib_size=4)
+    assert not first.cache_hit and second.cache_hit
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    third = quantize(tiny, calib_dir, tmp_path / "c.onnx", calib_size=5)  # other image list: recomputed
+    assert not third.cache_hit
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_methods(tiny, calib_dir, tmp_path, method):
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=4, method=method)
+    assert r.method == method and (tmp_path / "q.onnx").is_file()
+
+
+def test_report_and_exclude(tiny, calib_dir, tmp_path):
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=4, exclude=["*blocks.0/*"], report=True)
+    rows = {row["node"]: row for row in r.report}
+    assert any("blocks.0/" in n and not row["quantized"] for n, row in rows.items())
+    assert all(row["rel_error"] >= 0 for row in rows.values())
+    assert any(row["quantized"] and row["rel_error"] > 0 for row in rows.values())
+    code, out, err = run_cli("quantize", tiny, "--calib-dir", calib_dir, "--calib-size", "4", "--report",
+                             "--out", tmp_path / "r.onnx", env={"VIT_DEPLOY_CACHE": str(tmp_path / "c")})
+    assert code == 0, err
+    assert "rel err" in out and "MatMul" in out and "wrote" in out
+
+
+def test_max_drop_unreachable_exits_1(tiny, calib_dir, tmp_path, monkeypatch):
+    import vit_deploy.quantize as q
+    monkeypatch.setattr(q, "top1_agreement", lambda a, b: 0.5)  # a model no fallback can save
+    with pytest.raises(CheckFailed, match="even with every layer in float"):
+        quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=4, max_drop=0.01)
+    assert (tmp_path / "q.onnx").is_file()
+
+
+def test_max_drop_reachable(tiny, calib_dir, tmp_path):
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8, max_drop=0.0)
+    assert r.agreement == 1.0
+
+
+def test_foreign_onnx_without_metadata(tmp_path, calib_dir):
+    """A timm model exported by someone else: preprocessing comes from the options."""
+    timm = pytest.importorskip("timm")
+    import torch
+    m = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=64).eval()
+    torch.onnx.export(m, (torch.randn(1, 3, 64, 64),), str(tmp_path / "timm.onnx"), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}})
+    code, out, err = run_cli("quantize", tmp_path / "timm.onnx", "--calib-dir", calib_dir, "--calib-size", "4",
+                             "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225",
+                             env={"VIT_DEPLOY_CACHE": str(tmp_path / "c")})
+    assert code == 0, err
+    q = onnx.load(str(tmp_path / "timm.int8.onnx"))
+    assert Counter(n.op_type for n in q.graph.node)["QuantizeLinear"] > 10
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert json.loads(meta["vit_deploy.preprocessing"])["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_bad_calibration_input(tiny, tmp_path):
+    code, _, err = run_cli("quantize", tiny, "--calib-dir", tmp_path / "missing")
+    assert_one_line_error(code, err, "not found", "missing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    code, _, err = run_cli("quantize", tiny, "--calib-dir", tmp_path / "empty")
+    assert_one_line_error(code, err, "holds no image")
+
+
+def test_corrupt_images_are_skipped_and_listed(tiny, calib_dir, tmp_path, caplog):
+    d = tmp_path / "imgs"
+    (d / "nested").mkdir(parents=True)
+    for p in list(list_images(calib_dir))[:3]:
+        shutil.copy(p, d / "nested" / p.name)
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    from PIL import Image
+    Image.new("RGBA", (80, 60), (10, 200, 30, 128)).save(d / "rgba.png")
+    Image.new("L", (70, 90), 128).save(d / "grey.webp")
+    Image.new("P", (50, 50)).save(d / "palette.bmp")
+    with caplog.at_level("WARNING", logger="vit_deploy"):
+        r = quantize(tiny, d, tmp_path / "q.onnx", calib_size=10)
+    assert "broken.jpg" in " ".join(rec.getMessage() for rec in caplog.records)
+    assert len(r.calibration_images) == 6 and "broken.jpg" not in r.calibration_images
+
+
+def test_non_image_model_is_refused(tmp_path, calib_dir):
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])])
+    onnx.save(helper.make_model(g), str(tmp_path / "mlp.onnx"))
+    code, _, err = run_cli("quantize", tmp_path / "mlp.onnx", "--calib-dir", calib_dir)
+    assert_one_line_error(code, err, "4-D image tensor")

@@ -28,9 +28,37 @@ def run_cli(*args, env=None, cwd=None, timeout=900):
 
 def assert_one_line_error(code, stderr, *needles):
     assert code == 2, f"exit {code}, stderr: {stderr}"
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip() and not ln.startswith("warning:")]
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip() and not ln.startswith(("warning:", "["))]
     assert len(lines) == 1, f"expected one line, got: {stderr}"
     assert "Traceback" not in stderr
     for n in needles:
         assert n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}"
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def ti_bundle(tmp_path_factory):
+    """A small complete bundle: vit-ti16 at 64 px, ONNX Runtime + OpenVINO, FP32/FP16/INT8, checked."""
+    from vit_deploy.pipeline import export
+    out = tmp_path_factory.mktemp("ti")
+    export(model="vit-ti16", num_classes=10, img_size=64, target="onnxruntime,openvino",
+           precision="fp32,fp16,int8", out=out, max_batch=16, quiet=True)
+    return out / "vit-ti16"
+
+
+@pytest.fixture(scope="session")
+def b16_bundle(tmp_path_factory):
+    """The README's job through the library: vit-b16, ONNX Runtime + OpenVINO, FP32/FP16/INT8, checked."""
+    import time
+    from vit_deploy.pipeline import export
+    out = tmp_path_factory.mktemp("b16")
+    t = time.perf_counter()
+    manifest = export(model="vit-b16", target="onnxruntime,openvino", precision="fp32,fp16,int8", out=out, quiet=True)
+    manifest["_seconds"] = time.perf_counter() - t
+    return out / "vit-b16", manifest
+
+
+def copy_bundle(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst

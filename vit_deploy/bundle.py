@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import uuid
 from pathlib import Path
 
@@ -27,6 +28,12 @@ log = logging.getLogger("vit_deploy")
 MANIFEST = "manifest.json"
 JOURNAL = ".journal.json"
 FORMAT_VERSION = 1
+
+
+def _fault(point: str) -> None:
+    """Test hook: VIT_DEPLOY_FAULT=<point> kills this process there, as a power cut would."""
+    if os.environ.get("VIT_DEPLOY_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _recover(directory: Path, drop_leftovers: bool) -> None:
@@ -43,6 +50,7 @@ def _recover(directory: Path, drop_leftovers: bool) -> None:
             if src_p.exists():
                 dst_p.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src_p, dst_p)
+                _fault("mid-rename")
         _fsync_dir(directory)
         journal.unlink()
     if not drop_leftovers:
@@ -198,8 +206,10 @@ class Transaction:
                 os.fsync(f.fileno())
         staging_rel = self.staging.name
         renames = [[f"{staging_rel}/{rel}", rel] for rel in self.staged] + [[f"{staging_rel}/{MANIFEST}", MANIFEST]]
+        _fault("before-journal")
         with _lock(d / ".commit.lock", exclusive=True):
             write_json(d / JOURNAL, {"renames": renames})  # the commit point
+            _fault("after-journal")
             _recover(d, drop_leftovers=False)
         self.staged = []
 

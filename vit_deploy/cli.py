@@ -224,6 +224,83 @@ def check(bundle, images, labels_dir, backends, weights, max_images, threads, js
     click.echo(format_table(report))
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--backends", default=None, callback=_csv, help="Only these backends (torch, onnx, onnxruntime, openvino, tensorrt).")
+@click.option("--precisions", default=None, callback=_csv, help="Only these precisions.")
+@click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--threads", type=int, default=None, help="Threads per runtime (default: the runtime's own).")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--iters", type=int, default=None, help="Timed calls per artifact (default 20).")
+@click.option("--duration", type=float, default=None, help="Or: seconds of timed round-robin per batch size.")
+@click.option("--no-torch", is_flag=True, help="Leave out the PyTorch eager reference.")
+@click.option("--device-info", "show_device", is_flag=True, help="Print CPU, ISA flags, GPU and runtime versions.")
+@click.option("--json", "json_out", default=None)
+@click.option("--csv", "csv_out", default=None)
+@click.option("--markdown", default=None)
+@click.option("--plot", "plot_out", default=None, help="PNG with p50 bars and p90 whiskers.")
+@_handle_errors
+def bench(bundle, backends, precisions, batches, threads, warmup, iters, duration, no_torch, show_device,
+          json_out, csv_out, markdown, plot_out):
+    """Latency, throughput and memory of every artifact in BUNDLE, measured interleaved."""
+    _setup_logging(False)
+    from . import bench as b
+    from .atomic import atomic_path, write_json
+    try:
+        sizes = tuple(int(x) for x in batches.split(","))
+    except ValueError:
+        raise UserError(f"--batch takes comma-separated integers, got '{batches}'") from None
+    report = b.bench(bundle, backends=backends, precisions=precisions, batches=sizes, threads=threads,
+                     warmup=warmup, iters=iters, duration=duration, include_torch=not no_torch)
+    click.echo(b.format_table(report))
+    if show_device:
+        click.echo(json.dumps(report["device"], indent=2))
+    if json_out:
+        write_json(json_out, report)
+    for path, text in ((csv_out, lambda: b.to_csv(report)), (markdown, lambda: b.format_table(report, True) + "\n")):
+        if path:
+            with atomic_path(path) as tmp:
+                tmp.write_text(text())
+    if plot_out:
+        b.plot(report, plot_out)
+
+
+@cli.command()
+@click.argument("target", type=click.Path())
+@click.argument("images", nargs=-1, required=True)
+@click.option("--backend", default=None, help="Artifact to use, e.g. openvino-int8 or onnxruntime.")
+@click.option("--top", type=int, default=5, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def predict(target, images, backend, top, threads, as_json):
+    """Top classes for IMAGES with a bundle (or one artifact inside it)."""
+    _setup_logging(False)
+    from .predict import predict as run_predict
+    results = run_predict(target, images, backend=backend, top=top, threads=threads)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(f"{r['image']}  ({r['artifact']})")
+        for t in r["top"]:
+            click.echo(f"  {t['probability']:7.2%}  {t['name']}  [{t['class']}]")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="The manifest itself.")
+@_handle_errors
+def info(bundle, as_json):
+    """A readable summary of a bundle: model, preprocessing, artifacts (sha256 checked), parity, latency."""
+    from .bundle import Bundle
+    from .info import info as summary
+    if as_json:
+        click.echo(json.dumps(Bundle.open(bundle).manifest, indent=2))
+    else:
+        click.echo(summary(bundle))
+
+
 def main():
     try:
         cli.main(prog_name="vit-deploy", standalone_mode=False)

@@ -50,14 +50,17 @@ def preprocess(path: Path, pre: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def load_images(paths: list[Path], pre: Preprocessing) -> tuple[np.ndarray, list[Path]]:
-    """Preprocess every readable image; unreadable ones are skipped and listed in a warning."""
+def load_images(paths: list[Path], pre: Preprocessing, strict: bool = False) -> tuple[np.ndarray, list[Path]]:
+    """Preprocess every readable image; unreadable ones are skipped and listed in a
+    warning (with `strict`, the first one is an error)."""
     arrays, ok, skipped = [], [], []
     for p in paths:
         try:
             arrays.append(preprocess(p, pre))
             ok.append(p)
         except Exception as e:  # PIL raises many types for corrupt files
+            if strict:
+                raise UserError(f"{p}: not a readable image ({type(e).__name__})") from None
             skipped.append(f"{p.name} ({type(e).__name__})")
     if skipped:
         log.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped))

@@ -139,6 +139,9 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
     runtimes, precisions = plan_targets(target, precision)
     from .backends import require_runtimes
     runtimes, skipped = require_runtimes(runtimes, skip_missing="all" in str(target))
+    if "int8" in precisions:  # fail on bad calibration input before any work
+        from .images import default_calibration_dir, list_images
+        list_images(calib_dir or default_calibration_dir())
     stages = Stages(quiet)
     bundle_dir = Path(out) / model
     with Bundle.writing(bundle_dir) as tx:

@@ -364,7 +364,7 @@ def preprocessing_of(model: onnx.ModelProto, img_size=None, mean=None, std=None)
 
 def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclude=(), calib_size: int = 32,
              max_drop: float | None = None, img_size=None, mean=None, std=None, attention: bool = False,
-             report: bool = False) -> QuantResult:
+             report: bool = False, recalibrate: bool = False) -> QuantResult:
     """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring)."""
     from .weights import sha256_file
 
@@ -393,7 +393,7 @@ def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclud
     tensors = list(dict.fromkeys(t.activation for t in targets))
     key = _calib_key(sha256_file(model_path), [sha256_file(p) for p in calib_paths], method, pre, tensors)
     cache = _cache_dir() / f"{key}.json"
-    hit = cache.is_file()
+    hit = cache.is_file() and not recalibrate
     if hit:
         amax = json.loads(cache.read_text())
         log.info("calibration: reusing cached ranges (%s)", cache.name)
@@ -465,7 +465,7 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
         return old
     out = tx.stage("model.int8.onnx")
     result = stages.run("quantize", quantize, src_path, calib_dir, out, method=method, exclude=exclude,
-                        calib_size=calib_size, max_drop=max_drop)
+                        calib_size=calib_size, max_drop=max_drop, recalibrate=force)
     from . import onnx_io
     entry = {"backend": "onnx", "precision": "int8", "source": src["path"], "cache_key": key,
              "quantization": {"method": method, "scheme": "int8 symmetric (zero point 0), weights per channel",

@@ -163,10 +163,6 @@ class TrtRunner(Runner):
 
     def __init__(self, path: Path, artifact: dict, max_batch: int, img_size: int):
         import tensorrt as trt
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart
         super().__init__(max_batch, img_size)
         built_with = artifact.get("runtime_version")
         if built_with and built_with != trt.__version__:
@@ -176,6 +172,13 @@ class TrtRunner(Runner):
         if artifact.get("device") and here and artifact["device"] != here:
             raise UserError(f"{path.name} was built for {artifact['device']}, this GPU is {here}: "
                             f"rebuild it here with `vit-deploy compile --target tensorrt`")
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            try:
+                from cuda import cudart
+            except ImportError:
+                raise UserError("running TensorRT engines needs cuda-python: pip install cuda-python") from None
         self.cudart, self.trt = cudart, trt
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:

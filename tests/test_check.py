@@ -1,0 +1,147 @@
+"""`vit-deploy check`: passes good bundles, catches small damage, golden outputs without torch."""
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import assert_one_line_error, copy_bundle, run_cli
+from vit_deploy import Bundle
+from vit_deploy.images import default_calibration_dir
+from vit_deploy.weights import sha256_file
+
+pytest.importorskip("openvino")
+
+
+def test_good_b16_bundle_passes_with_reports(b16_bundle, tmp_path):
+    d, manifest = b16_bundle
+    assert manifest["parity"]["passed"]  # the export's own check
+    code, out, err = run_cli("check", d, "--max-images", "64", "--json", tmp_path / "r.json",
+                             "--markdown", tmp_path / "r.md", "--junit", tmp_path / "r.xml")
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and len(report["results"]) == 7
+    assert "| onnxruntime-int8 | int8 |" in (tmp_path / "r.md").read_text()
+    suite = ET.parse(tmp_path / "r.xml").getroot()
+    assert suite.get("tests") == "7" and suite.get("failures") == "0"
+    assert "PASS" in out and "random weights" in out  # says why top-1 agreement does not gate
+
+
+def test_check_time_budget(b16_bundle):
+    """Issue #6: vit-b16, five artifacts, 64 images, under 2 minutes on 2 cores."""
+    import time
+    from vit_deploy.parity import check
+    d, _ = b16_bundle
+    t = time.perf_counter()
+    report = check(d, backends=["onnxruntime", "openvino"], max_images=64, record=False,
+                   images=default_calibration_dir())
+    assert report["images"] == 64 and len(report["results"]) == 5
+    assert time.perf_counter() - t < 120
+
+
+def _rehash(d, rel):
+    """Make the manifest agree with a file changed on purpose (a bad build, not tampering)."""
+    b = Bundle.open(d)
+    for a in b.artifacts:
+        if rel in a["files"]:
+            a["files"][rel] = sha256_file(d / rel)
+            if a["path"] == rel:
+                a["sha256"] = a["files"][rel]
+    (d / "manifest.json").write_text(json.dumps(b.manifest))
+
+
+def test_catches_one_scaled_weight_tensor(ti_bundle, tmp_path):
+    d = copy_bundle(ti_bundle, tmp_path / "b")
+    m = onnx.load(str(d / "model.ort.onnx"))
+    w = next(t for t in m.graph.initializer if numpy_helper.to_array(t).ndim == 2 and "fc1" in t.name.lower()
+             or numpy_helper.to_array(t).shape == (192, 768))
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.02, w.name))
+    onnx.save(m, str(d / "model.ort.onnx"))
+    _rehash(d, "model.ort.onnx")
+    code, out, err = run_cli("check", d)
+    assert code == 1, out + err
+    assert "onnxruntime-fp32" in err and "max_abs" in err
+    assert "onnx-fp32" not in err.replace("onnxruntime-fp32", "")
+
+
+def test_catches_wrong_mean_std(ti_bundle, tmp_path):
+    d = copy_bundle(ti_bundle, tmp_path / "b")
+    man = json.loads((d / "manifest.json").read_text())
+    man["preprocessing"]["mean"] = [0.485, 0.456, 0.406]
+    man["preprocessing"]["std"] = [0.229, 0.224, 0.225]
+    (d / "manifest.json").write_text(json.dumps(man))
+    code, out, err = run_cli("check", d)
+    assert code == 1 and "max_abs" in err and "min_cosine" in err, out + err
+
+
+def test_catches_swapped_channel_order(ti_bundle, tmp_path):
+    """An INT8 model that reads BGR: a Gather on the channel axis in front of everything."""
+    from onnx import helper
+    from vit_deploy.backends import openvino_backend
+    d = copy_bundle(ti_bundle, tmp_path / "b")
+    m = onnx.load(str(d / "model.int8.onnx"))
+    g = m.graph
+    g.initializer.append(numpy_helper.from_array(np.array([2, 1, 0], np.int64), "bgr_index"))
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name == "images":
+                n.input[i] = "images_bgr"
+    g.node.insert(0, helper.make_node("Gather", ["images", "bgr_index"], ["images_bgr"], axis=1))
+    onnx.save(m, str(d / "model.int8.onnx"))
+    openvino_backend.compile(d / "model.int8.onnx", d / "openvino" / "model.int8.xml", "int8", {"max_batch": 16})
+    _rehash(d, "openvino/model.int8.xml")
+    _rehash(d, "openvino/model.int8.bin")
+    code, out, err = run_cli("check", d, "--backends", "openvino")
+    assert code == 1, out + err
+    assert "openvino-int8" in err and "min_cosine" in err
+
+
+def test_golden_round_trip_without_torch(ti_bundle, tmp_path):
+    golden = tmp_path / "golden.npz"
+    code, out, err = run_cli("check", ti_bundle, "--save-golden", golden)
+    assert code == 0, err
+    script = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+              "from vit_deploy.cli import main\n"
+              f"sys.argv = ['vit-deploy', 'check', {str(ti_bundle)!r}, '--golden', {str(golden)!r}]\n"
+              "main()\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "golden:golden.npz" in p.stdout and "FAIL" not in p.stdout
+
+
+def test_golden_for_another_model_is_refused(ti_bundle, tmp_path):
+    golden = tmp_path / "g.npz"
+    np.savez(golden, inputs=np.zeros((1, 3, 224, 224), np.float32), logits=np.zeros((1, 1000), np.float32),
+             meta=np.array(json.dumps({"model": "vit-b16", "img_size": 224, "num_classes": 1000})))
+    code, _, err = run_cli("check", ti_bundle, "--golden", golden)
+    assert_one_line_error(code, err, "golden", "vit-b16")
+
+
+def test_labels_folder(ti_bundle, tmp_path):
+    import shutil
+    photos = sorted(default_calibration_dir().glob("*.jpg"))
+    for c in range(10):
+        (tmp_path / "labels" / f"class{c}").mkdir(parents=True)
+        shutil.copy(photos[c], tmp_path / "labels" / f"class{c}" / photos[c].name)
+    code, out, err = run_cli("check", ti_bundle, "--labels-dir", tmp_path / "labels", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert "top1_accuracy" in r["results"][0]["metrics"] and "reference_accuracy" in r
+    (tmp_path / "labels" / "class10").mkdir()
+    shutil.copy(photos[11], tmp_path / "labels" / "class10" / "x.jpg")
+    code, _, err = run_cli("check", ti_bundle, "--labels-dir", tmp_path / "labels")
+    assert_one_line_error(code, err, "11 class folders", "10 classes")
+
+
+def test_unreadable_images_are_skipped_and_listed(ti_bundle, tmp_path):
+    import shutil
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(default_calibration_dir() / "coffee_full.jpg", tmp_path / "imgs")
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"garbage")
+    code, out, err = run_cli("check", ti_bundle, "--images", tmp_path / "imgs", "--backends", "onnx")
+    assert code == 0, err
+    assert "bad.png" in err and "skipped" in err

@@ -31,14 +31,20 @@ def test_good_b16_bundle_passes_with_reports(b16_bundle, tmp_path):
     assert "PASS" in out and "random weights" in out  # says why top-1 agreement does not gate
 
 
-def test_check_time_budget(b16_bundle):
+def test_check_time_budget(b16_bundle, tmp_path):
     """Issue #6: vit-b16, five artifacts, 64 images, under 2 minutes on 2 cores."""
+    import shutil
     import time
+    from PIL import Image, ImageOps
     from vit_deploy.parity import check
+    photos = sorted(default_calibration_dir().glob("*.jpg"))
+    for p in photos:
+        shutil.copy(p, tmp_path)
+    for p in photos[:64 - len(photos)]:
+        ImageOps.mirror(Image.open(p)).save(tmp_path / f"mirrored_{p.name}")
     d, _ = b16_bundle
     t = time.perf_counter()
-    report = check(d, backends=["onnxruntime", "openvino"], max_images=64, record=False,
-                   images=default_calibration_dir())
+    report = check(d, backends=["onnxruntime", "openvino"], max_images=64, record=False, images=tmp_path)
     assert report["images"] == 64 and len(report["results"]) == 5
     assert time.perf_counter() - t < 120
 
@@ -145,3 +151,15 @@ def test_unreadable_images_are_skipped_and_listed(ti_bundle, tmp_path):
     code, out, err = run_cli("check", ti_bundle, "--images", tmp_path / "imgs", "--backends", "onnx")
     assert code == 0, err
     assert "bad.png" in err and "skipped" in err
+
+
+def test_thresholds_override_and_store(ti_bundle, tmp_path):
+    d = copy_bundle(ti_bundle, tmp_path / "b")
+    code, out, err = run_cli("check", d, "--backends", "onnxruntime", "--set", "int8.min_cosine=0.99999")
+    assert code == 1 and "onnxruntime-int8" in err and "min_cosine" in err
+    code, _, _ = run_cli("check", d, "--backends", "onnxruntime", "--set", "int8.min_cosine=0.99999", "--store")
+    assert code == 1 and json.loads((d / "manifest.json").read_text())["thresholds"]["int8"]["min_cosine"] == 0.99999
+    code, _, err = run_cli("check", d, "--backends", "onnxruntime")  # the stored gate applies
+    assert code == 1 and "0.99999" in err
+    code, _, err = run_cli("check", d, "--set", "int9.cosine=1")
+    assert_one_line_error(code, err, "unknown threshold")

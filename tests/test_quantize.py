@@ -159,3 +159,24 @@ def test_non_image_model_is_refused(tmp_path, calib_dir):
     onnx.save(helper.make_model(g), str(tmp_path / "mlp.onnx"))
     code, _, err = run_cli("quantize", tmp_path / "mlp.onnx", "--calib-dir", calib_dir)
     assert_one_line_error(code, err, "4-D image tensor")
+
+
+def test_asymmetric_scheme_for_cpu_runtimes(tiny, calib_dir, tmp_path):
+    """uint8 activations with a zero point: an option for CPU runtimes, never for TensorRT."""
+    r = quantize(tiny, calib_dir, tmp_path / "a.onnx", calib_size=8, scheme="asymmetric")
+    m = onnx.load(str(tmp_path / "a.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    act_zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert act_zps and all(z.dtype == np.uint8 for z in act_zps) and any(z > 0 for z in act_zps)
+    weight_zps = [inits[n.input[2]] for n in m.graph.node
+                  if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert weight_zps and all(z.dtype == np.int8 and not z.any() for z in weight_zps)
+    from vit_deploy.images import load_images
+    from vit_deploy.quantize import cosine, preprocessing_of
+    held = [p for p in list_images(calib_dir) if p.name in set(r.held_out_images)]
+    x, _ = load_images(held, preprocessing_of(onnx.load(str(tiny))))
+    ref = ort_session(tiny).run(None, {"images": x})[0]
+    got = ort_session(tmp_path / "a.onnx").run(None, {"images": x})[0]
+    assert cosine(ref, got).min() > 0.99
+    with pytest.raises(UserError, match="unknown scheme"):
+        quantize(tiny, calib_dir, tmp_path / "b.onnx", scheme="affine")

@@ -79,6 +79,18 @@ def _csv(ctx, param, value):
     return [x.strip() for v in (value if isinstance(value, tuple) else (value,)) for x in str(v).split(",") if x.strip()] or None
 
 
+def _engine_options(fn):
+    """Options of the compile stage, shared by `export` and `compile`."""
+    for opt in reversed([
+        click.option("--device", default="CPU", show_default=True, help="OpenVINO device: CPU, GPU, NPU, AUTO."),
+        click.option("--opt-batch", type=int, default=1, show_default=True, help="TensorRT profile's optimal batch."),
+        click.option("--workspace-mb", type=int, default=2048, show_default=True, help="TensorRT workspace limit."),
+        click.option("--dla-core", type=int, default=None, help="TensorRT on a Jetson's DLA core N."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 @cli.command()
 @click.option("--model", "model_name", default="vit-b16", show_default=True, help="Zoo name (see `vit-deploy models`).")
 @click.option("--target", default="onnx", show_default=True,
@@ -95,10 +107,7 @@ def _csv(ctx, param, value):
 @click.option("--calib-size", type=int, default=32, show_default=True)
 @click.option("--method", "calib_method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
               show_default=True, help="Calibration method for INT8.")
-@click.option("--device", default="CPU", show_default=True, help="OpenVINO device: CPU, GPU, NPU, AUTO.")
-@click.option("--opt-batch", type=int, default=1, show_default=True, help="TensorRT profile's optimal batch.")
-@click.option("--workspace-mb", type=int, default=2048, show_default=True, help="TensorRT workspace limit.")
-@click.option("--dla-core", type=int, default=None, help="TensorRT on a Jetson's DLA core N.")
+@_engine_options
 @click.option("--no-check", is_flag=True, help="Skip the parity check at the end.")
 @click.option("--force", is_flag=True, help="Rebuild every stage even when its inputs are unchanged.")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors.")
@@ -130,6 +139,8 @@ def export(model_name, target, precision, weights, num_classes, img_size, opset,
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile", show_default=True)
 @click.option("--exclude", multiple=True, help="Keep nodes matching this glob in float (repeatable).")
 @click.option("--attention", is_flag=True, help="Also quantize the attention MatMuls (activation x activation).")
+@click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric", show_default=True,
+              help="Activations: symmetric int8 (every runtime, TensorRT included) or asymmetric uint8 (CPU runtimes only).")
 @click.option("--max-drop", type=float, default=None, help="Return layers to float until top-1 agreement >= 1 - X.")
 @click.option("--img-size", type=int, default=None, help="For ONNX files without vit-deploy metadata.")
 @click.option("--mean", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
@@ -137,7 +148,8 @@ def export(model_name, target, precision, weights, num_classes, img_size, opset,
 @click.option("--out", default=None, help="Default: MODEL.int8.onnx beside the input.")
 @click.option("--report", is_flag=True, help="Print the per-layer table.")
 @_handle_errors
-def quantize(model_path, calib_dir, calib_size, method, exclude, attention, max_drop, img_size, mean, std, out, report):
+def quantize(model_path, calib_dir, calib_size, method, exclude, attention, scheme, max_drop, img_size, mean, std, out,
+             report):
     """Any ViT ONNX model -> INT8 Q/DQ ONNX from calibration images."""
     _setup_logging(False)
     from .images import default_calibration_dir
@@ -145,7 +157,7 @@ def quantize(model_path, calib_dir, calib_size, method, exclude, attention, max_
     triple = lambda v, name: _triple(v, name)  # noqa: E731
     result = run_quantize(model_path, calib_dir or default_calibration_dir(), out, method=method, exclude=exclude,
                           calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=triple(mean, "--mean"),
-                          std=triple(std, "--std"), attention=attention, report=report)
+                          std=triple(std, "--std"), attention=attention, report=report, scheme=scheme)
     if report:
         click.echo(format_report(result.report))
     click.echo(f"wrote {result.path}: {len(result.quantized)} matrix products in INT8, {len(result.excluded)} in float"
@@ -168,10 +180,7 @@ def _triple(value, name):
 @click.argument("bundle", type=click.Path())
 @click.option("--target", default="all", show_default=True)
 @click.option("--precision", default=None)
-@click.option("--device", default="CPU", show_default=True)
-@click.option("--opt-batch", type=int, default=1, show_default=True)
-@click.option("--workspace-mb", type=int, default=2048, show_default=True)
-@click.option("--dla-core", type=int, default=None)
+@_engine_options
 @click.option("--force", is_flag=True)
 @_handle_errors
 def compile_cmd(bundle, target, precision, device, opt_batch, workspace_mb, dla_core, force):
@@ -198,9 +207,10 @@ def compile_cmd(bundle, target, precision, device, opt_batch, workspace_mb, dla_
 @click.option("--save-golden", default=None, help="Store inputs and reference logits in FILE (.npz).")
 @click.option("--golden", default=None, help="Compare with a golden FILE instead of PyTorch.")
 @click.option("--set", "overrides", multiple=True, help="Override a threshold: PRECISION.METRIC=VALUE, e.g. int8.min_cosine=0.98")
+@click.option("--store", is_flag=True, help="Keep the --set thresholds in the bundle for later checks.")
 @_handle_errors
 def check(bundle, images, labels_dir, backends, weights, max_images, threads, json_out, markdown, junit,
-          save_golden, golden, overrides):
+          save_golden, golden, overrides, store):
     """Compare every artifact of BUNDLE with the PyTorch reference (or golden outputs)."""
     _setup_logging(False)
     from .errors import CheckFailed
@@ -213,6 +223,18 @@ def check(bundle, images, labels_dir, backends, weights, max_images, threads, js
             thresholds.setdefault(prec, {})[metric] = float(value)
         except ValueError:
             raise UserError(f"--set takes PRECISION.METRIC=VALUE, got '{o}'") from None
+    from .parity import THRESHOLDS
+    for prec, metrics in thresholds.items():
+        for metric in metrics:
+            if prec not in THRESHOLDS or metric not in ("max_abs", "min_cosine", "top1_agreement"):
+                raise UserError(f"--set: unknown threshold '{prec}.{metric}' (precisions fp32, fp16, int8; "
+                                f"metrics max_abs, min_cosine, top1_agreement)")
+    if store:
+        from .bundle import Bundle
+        with Bundle.writing(bundle) as tx:
+            for prec, metrics in thresholds.items():
+                tx.manifest.setdefault("thresholds", {}).setdefault(prec, {}).update(metrics)
+            tx.commit()
     try:
         report = run_check(bundle, images=images, labels_dir=labels_dir, backends=backends, json_out=json_out,
                            markdown=markdown, junit=junit, save_golden_to=save_golden, golden=golden,

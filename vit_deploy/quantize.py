@@ -30,6 +30,7 @@ from .zoo import Preprocessing
 
 log = logging.getLogger("vit_deploy")
 METHODS = ("minmax", "entropy", "percentile")
+SCHEMES = ("symmetric", "asymmetric")
 PERCENTILE = 99.99
 BINS = 4096
 
@@ -152,13 +153,14 @@ def entropy_threshold(hist: np.ndarray, upper_edges: np.ndarray, levels: int = 1
     return float(upper_edges[best_i - 1])
 
 
-def collect_amax(model_path: Path, tensors: list[str], images: np.ndarray, method: str) -> dict[str, float]:
-    """Per-tensor clipping threshold (max |x| kept) over the calibration images."""
+def collect_ranges(model_path: Path, tensors: list[str], images: np.ndarray, method: str) -> dict[str, list[float]]:
+    """Per tensor over the calibration images: [clipping threshold of |x|, min, max]."""
     sess = _session(_with_outputs(model_path, tensors))
     names = [o.name for o in sess.get_outputs()]
     want = [names.index(t) for t in tensors]
     inp = sess.get_inputs()[0].name
     amax = {t: 0.0 for t in tensors}
+    lo, hi = {t: 0.0 for t in tensors}, {t: 0.0 for t in tensors}
     hists = {t: np.zeros(BINS, np.int64) for t in tensors}
     passes = 1 if method == "minmax" else 2
     n_batches = (len(images) + 7) // 8
@@ -169,14 +171,13 @@ def collect_amax(model_path: Path, tensors: list[str], images: np.ndarray, metho
                 a = np.abs(outs[j])
                 if p == 0:
                     amax[t] = max(amax[t], float(a.max()))
+                    lo[t], hi[t] = min(lo[t], float(outs[j].min())), max(hi[t], float(outs[j].max()))
                 else:  # bincount on bin indices: ~10x faster than np.histogram
                     idx = (a.ravel() * (BINS / (amax[t] or 1.0))).astype(np.int32)
                     np.minimum(idx, BINS - 1, out=idx)
                     hists[t] += np.bincount(idx, minlength=BINS)
-    if method == "minmax":
-        return amax
-    out = {}
-    for t in tensors:
+    out = dict(amax)
+    for t in tensors if method != "minmax" else ():
         edges = np.linspace(0.0, amax[t] or 1.0, BINS + 1)
         if method == "percentile":
             cdf = np.cumsum(hists[t]) / max(1, hists[t].sum())
@@ -184,7 +185,7 @@ def collect_amax(model_path: Path, tensors: list[str], images: np.ndarray, metho
         else:
             out[t] = entropy_threshold(hists[t], edges[1:])
         out[t] = out[t] or amax[t] or 1.0
-    return out
+    return {t: [out[t] or 1.0, lo[t], hi[t]] for t in tensors}
 
 
 def _cache_dir() -> Path:
@@ -194,17 +195,19 @@ def _cache_dir() -> Path:
 
 
 def _calib_key(model_sha: str, image_shas: list[str], method: str, pre: Preprocessing, tensors: list[str]) -> str:
-    blob = json.dumps([model_sha, image_shas, method, pre.to_dict(), tensors, PERCENTILE, BINS])
+    blob = json.dumps(["ranges-v2", model_sha, image_shas, method, pre.to_dict(), tensors, PERCENTILE, BINS])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 # ------------------------------------------------------------- graph rewrite
 
-def _qdq_pair(graph_nodes, init_list, tensor: str, scale: np.ndarray, axis: int | None, tag: str) -> str:
+def _qdq_pair(graph_nodes, init_list, tensor: str, scale: np.ndarray, axis: int | None, tag: str,
+              zero_point: np.ndarray | None = None) -> str:
     """Append Q -> DQ on `tensor`; returns the dequantized tensor's name."""
     s_name, z_name = f"{tag}_scale", f"{tag}_zero_point"
     init_list.append(numpy_helper.from_array(scale.astype(np.float32), s_name))
-    init_list.append(numpy_helper.from_array(np.zeros(scale.shape, np.int8), z_name))
+    zp = np.zeros(scale.shape, np.int8) if zero_point is None else zero_point
+    init_list.append(numpy_helper.from_array(zp, z_name))
     kw = {} if axis is None else {"axis": axis}
     q, dq = f"{tag}_quantized", f"{tag}_dequantized"
     graph_nodes.append(helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q], name=f"{tag}_QuantizeLinear", **kw))
@@ -212,8 +215,23 @@ def _qdq_pair(graph_nodes, init_list, tensor: str, scale: np.ndarray, axis: int 
     return dq
 
 
-def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], amax: dict[str, float]) -> onnx.ModelProto:
-    """Q/DQ on each target's activation (per tensor) and weight (per channel, int8 stored)."""
+def activation_qparams(clip: float, lo: float, hi: float, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of one activation tensor.
+
+    symmetric: int8, zero point 0, range [-clip, clip] (what TensorRT requires).
+    asymmetric: uint8 over [max(min, -clip), min(max, clip)], so a one-sided
+    tensor (GELU's output) gets all 256 levels; CPU runtimes only."""
+    if scheme == "symmetric":
+        return np.array(max(clip, 1e-8) / 127.0, np.float32), np.array(0, np.int8)
+    lo_c, hi_c = min(max(lo, -clip), 0.0), max(min(hi, clip), 0.0)
+    scale = max(hi_c - lo_c, 1e-8) / 255.0
+    zp = int(np.clip(np.round(-lo_c / scale), 0, 255))
+    return np.array(scale, np.float32), np.array(zp, np.uint8)
+
+
+def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str, list[float]],
+               scheme: str = "symmetric") -> onnx.ModelProto:
+    """Q/DQ on each target's activation (per tensor) and weight (per channel, int8, symmetric)."""
     inits = _initializers(model)
     new_nodes, new_inits = [], []
     act_dq: dict[str, str] = {}
@@ -222,8 +240,8 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], amax: dict[str, f
     for t in targets:
         node_name = t.node.split("#")[0]
         if t.activation not in act_dq:
-            scale = np.array(max(amax[t.activation], 1e-8) / 127.0, np.float32)
-            act_dq[t.activation] = _qdq_pair(new_nodes, new_inits, t.activation, scale, None, _safe(t.activation))
+            scale, zp = activation_qparams(*ranges[t.activation], scheme)
+            act_dq[t.activation] = _qdq_pair(new_nodes, new_inits, t.activation, scale, None, _safe(t.activation), zp)
         idx = 1 if t.node.endswith("#B") else 0
         rewire[(node_name, idx)] = act_dq[t.activation]
         if t.weight is not None:
@@ -364,13 +382,15 @@ def preprocessing_of(model: onnx.ModelProto, img_size=None, mean=None, std=None)
 
 def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclude=(), calib_size: int = 32,
              max_drop: float | None = None, img_size=None, mean=None, std=None, attention: bool = False,
-             report: bool = False, recalibrate: bool = False) -> QuantResult:
+             report: bool = False, recalibrate: bool = False, scheme: str = "symmetric") -> QuantResult:
     """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring)."""
     from .weights import sha256_file
 
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserError(f"model not found: {model_path}")
+    if scheme not in SCHEMES:
+        raise UserError(f"unknown scheme '{scheme}': choose from {', '.join(SCHEMES)}")
     if method not in METHODS:
         raise UserError(f"unknown calibration method '{method}': choose from {', '.join(METHODS)}")
     if calib_size < 1:
@@ -395,15 +415,15 @@ def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclud
     cache = _cache_dir() / f"{key}.json"
     hit = cache.is_file() and not recalibrate
     if hit:
-        amax = json.loads(cache.read_text())
+        ranges = json.loads(cache.read_text())
         log.info("calibration: reusing cached ranges (%s)", cache.name)
     else:
-        amax = collect_amax(model_path, tensors, calib, method)
+        ranges = collect_ranges(model_path, tensors, calib, method)
         from .atomic import write_json
-        write_json(cache, amax)
+        write_json(cache, ranges)
 
     def build(excl: set[str]) -> onnx.ModelProto:
-        return insert_qdq(model, [t for t in targets if t.node.split("#")[0] not in excl], amax)
+        return insert_qdq(model, [t for t in targets if t.node.split("#")[0] not in excl], ranges, scheme)
 
     qmodel = build(excluded)
     result = QuantResult(out, [], sorted(excluded), method, [p.name for p in calib_paths], [p.name for p in held_paths],
@@ -416,7 +436,7 @@ def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclud
     result.quantized = sorted({t.node.split("#")[0] for t in targets} - excluded)
     result.excluded = sorted(excluded)
     meta = onnx_io.get_metadata(qmodel)
-    meta.update({"quantization": {"method": method, "scheme": "int8 symmetric, weights per channel",
+    meta.update({"quantization": {"method": method, "scheme": f"activations {scheme}, weights int8 symmetric per channel",
                                   "quantized": len(result.quantized), "excluded": result.excluded},
                  "preprocessing": pre.to_dict()})
     onnx_io.set_metadata(qmodel, meta)

@@ -27,12 +27,24 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
     shape = model.inputs[0].get_partial_shape()
     shape[0] = ov.Dimension(1, int(options["max_batch"]))
     model.reshape({name: shape})
+    _stable_names(model)
     # fp16: weights stored as FP16 (half the size). The Q/DQ model keeps its INT8 weights.
     ov.save_model(model, str(out), compress_to_fp16=precision == "fp16")
     return [out.name, out.with_suffix(".bin").name], {
         "runtime_version": ov.get_version(), "device": options.get("device") or "CPU",
         "performance_hint": "LATENCY", "inference_precision_hint": "f32",
         "compress_to_fp16": precision == "fp16"}
+
+
+def _stable_names(model) -> None:
+    """OpenVINO names the nodes it creates from a process-wide counter (Constant_5888),
+    so the same model built twice in one process differs in its XML. Renumber those
+    by position so that equal inputs give byte-identical IR."""
+    import re
+    auto = re.compile(r"^[A-Za-z]+_\d+$")
+    for i, op in enumerate(model.get_ordered_ops()):
+        if op.get_type_name() not in ("Parameter", "Result") and auto.match(op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_vd{i}")
 
 
 class OvRunner(Runner):

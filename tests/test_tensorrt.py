@@ -124,3 +124,15 @@ def test_real_engine_matches_reference(tmp_path, precision):
            max_batch=8, check=False, quiet=True)
     report = check(tmp_path / "vit-ti16", backends=["tensorrt"], record=False)
     assert report["passed"], report
+
+
+def test_default_precisions_on_tensorrt_11_skip_fp16(tmp_path, monkeypatch):
+    """--target tensorrt means FP16 + INT8; TensorRT 11 cannot do FP16 from an FP32 ONNX: skipped, said."""
+    from vit_deploy.pipeline import export
+    monkeypatch.setitem(sys.modules, "tensorrt", trt_standin.make("11.4.0"))
+    m = export(model="vit-ti16", num_classes=4, img_size=32, target="tensorrt", out=tmp_path, check=False, quiet=True)
+    assert {(a["backend"], a["precision"]) for a in m["artifacts"]} == {("onnx", "fp32"), ("onnx", "int8"),
+                                                                         ("tensorrt", "int8")}
+    with pytest.raises(UserError, match="FP16"):
+        export(model="vit-ti16", num_classes=4, img_size=32, target="tensorrt", precision="fp16", out=tmp_path,
+               check=False, quiet=True)

@@ -265,6 +265,10 @@ def check(bundle, images, labels_dir, backends, weights, max_images, threads, js
 def bench(bundle, backends, precisions, batches, threads, warmup, iters, duration, no_torch, show_device,
           json_out, csv_out, markdown, plot_out):
     """Latency, throughput and memory of every artifact in BUNDLE, measured interleaved."""
+    import os
+    # torch's OpenMP threads busy-wait after each call and slow the next runtime in
+    # the round-robin; passive waiting keeps the comparison fair (set before torch loads).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _setup_logging(False)
     from . import bench as b
     from .atomic import atomic_path, write_json

@@ -37,6 +37,12 @@ def stage_compile(tx, runtimes, precisions, *, max_batch: int, device: str = "CP
             if (runtime, precision) in NOT_BUILT:
                 log.info("[compile] %s %s skipped: %s", runtime, precision, NOT_BUILT[(runtime, precision)])
                 continue
+            why = mod.unsupported(precision) if hasattr(mod, "unsupported") else None
+            if why and strict:
+                raise UserError(f"{why}; choose another --precision")
+            if why:
+                log.info("[compile] %s %s skipped: %s", runtime, precision, why)
+                continue
             src_precision, rel = RECIPES[(runtime, precision)]
             src = bundle.find("onnx", src_precision)
             if src is None and not strict:

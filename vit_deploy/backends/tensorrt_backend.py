@@ -34,6 +34,15 @@ def available() -> str | None:
     return None
 
 
+def unsupported(precision: str) -> str | None:
+    """Why this TensorRT cannot build `precision`, or None."""
+    import tensorrt as trt
+    if precision == "fp16" and major_version(trt.__version__) >= 11:
+        return (f"TensorRT {trt.__version__} builds FP16 only from an ONNX that carries FP16 types "
+                f"(no FP16 builder flag since 11.0)")
+    return None
+
+
 def major_version(version: str) -> int:
     return int(str(version).split(".")[0])
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 
 def run(model: str, out: Path) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "vit_deploy.cli", "export", "--model", model, "--target", "onnx",
                         "--no-check", "--out", str(out), "--force", "--json"], capture_output=True, text=True)
@@ -30,7 +29,7 @@ def run(model: str, out: Path) -> dict:
     onnx = next(a for a in manifest["artifacts"] if a["backend"] == "onnx" and a["precision"] == "fp32")
     weights_bytes = sum((out / model / f).stat().st_size for f in onnx["files"])
     return {"model": model, "wall_s": round(wall, 1), "stages_s": manifest["last_export"]["stage_seconds"],
-            "peak_rss_gb": round(peak_kb / 1e6, 2), "peak_rss_gb_note": "max over this and earlier runs" if before else "",
+            "peak_rss_gb": round(peak_kb / 1e6, 2),
             "onnx_gb": round(weights_bytes / 1e9, 2), "peak_over_onnx": round(peak_kb * 1e3 / weights_bytes, 2),
             "files": list(onnx["files"]), "simplified": onnx["simplified"], "verification": onnx["verification"]}
 
@@ -38,8 +37,8 @@ def run(model: str, out: Path) -> dict:
 def main(models: list[str]) -> None:
     print(f"# export + simplify + verify, {platform.processor() or platform.machine()}, "
           f"{time.strftime('%Y-%m-%d')}")
-    print("| model | wall s | stages s | peak RSS GB | ONNX GB | peak / ONNX | files |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | wall s | stages s | peak RSS GB | ONNX GB | peak / ONNX | files | simplified | ORT vs PyTorch max abs (batch 1 / 4) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in models:
         with tempfile.TemporaryDirectory() as d:  # one process per model keeps peaks apart
             r = subprocess.run([sys.executable, __file__, "--one", m, d], capture_output=True, text=True)
@@ -48,7 +47,9 @@ def main(models: list[str]) -> None:
             row = json.loads(r.stdout)
         st = ", ".join(f"{k} {v}" for k, v in row["stages_s"].items())
         print(f"| {m} | {row['wall_s']} | {st} | {row['peak_rss_gb']} | {row['onnx_gb']} | "
-              f"{row['peak_over_onnx']}x | {', '.join(row['files'])} |", flush=True)
+              f"{row['peak_over_onnx']}x | {', '.join(row['files'])} | {row['simplified']} | "
+              f"{row['verification']['batch1_max_abs_diff']:.1e} / {row['verification']['batch4_max_abs_diff']:.1e} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-import time
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,11 @@ log = logging.getLogger("vit_deploy")
 
 OPSET_RANGE = (14, 20)
 INPUT, OUTPUT = "images", "logits"
-VERIFY_BATCHES = (1, 4)
+TRACE_BATCH = 2
+VERIFY_BATCHES = (1, 4)  # both differ from the trace batch: a batch baked into a Reshape cannot pass
 # MatMul + Add stays as it is: Reshape-Gemm-Reshape on 3-D activations hides the
 # pattern that ONNX Runtime fuses into INT8 kernels (MatMulIntegerToFloat).
-KEEP_MATMUL = ["fuse_matmul_add_bias_into_gemm", "fuse_matmul_add_bias_into_gemm_batched"]  # both differ from the trace batch (2): a baked batch cannot pass
+KEEP_MATMUL = ["fuse_matmul_add_bias_into_gemm", "fuse_matmul_add_bias_into_gemm_batched"]
 
 
 def check_opset(opset: int) -> None:
@@ -38,13 +40,14 @@ def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None
     if folded:
         log.info("folded weight standardization into %d convs", folded)
     size = model.img_size
-    dummy = torch.randn(2, 3, size, size)
+    dummy = torch.randn(TRACE_BATCH, 3, size, size)
     tmp_dir = path.parent / (path.name + ".parts")
     tmp_dir.mkdir(parents=True, exist_ok=True)
     raw = tmp_dir / "model.onnx"
     # The TorchScript exporter: no extra dependency, deterministic output, and
     # opset >= 17 gives LayerNormalization. It writes one file per tensor past 2 GB.
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter warns about every traced shape
         torch.onnx.export(model, (dummy,), str(raw), dynamo=False, opset_version=opset,
                           input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
@@ -54,22 +57,8 @@ def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None
     onnx_io.set_metadata(proto, metadata or {})
     files = onnx_io.save(proto, path)
     del proto
-    import shutil
     shutil.rmtree(tmp_dir, ignore_errors=True)
     return files
-
-
-class _quiet_exporter:
-    """The legacy exporter warns about every traced shape; those warnings are noise here."""
-
-    def __enter__(self):
-        import warnings
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        return self._w.__exit__(*exc)
 
 
 def ort_session(path: Path, threads: int = 0):

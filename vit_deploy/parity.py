@@ -226,9 +226,9 @@ def run_check(bundle: Bundle, images=None, labels_dir=None, backends=None, save_
             limits.setdefault(p, {}).update(v)
     gate_top1 = bool(man["source"].get("weights"))
     results = []
-    for art in bundle.artifacts:
-        if backends and art["backend"] not in backends:
-            continue
+    from .progress import progress
+    chosen = [a for a in bundle.artifacts if not backends or a["backend"] in backends]
+    for art in progress(chosen, len(chosen), "checking artifacts"):
         t = time.perf_counter()
         with open_runner(bundle, art, threads=threads) as runner:
             step = min(batch, runner.max_batch)

@@ -108,7 +108,7 @@ def stage_onnx(tx: Transaction, model, opset: int, simplify: bool, force: bool, 
             "preprocessing": m["preprocessing"], "labels": m["model"]["labels"],
             "weights_sha256": (m["source"].get("weights") or {}).get("sha256"), "versions": versions}
     path = tx.stage("model.onnx")
-    files = stages.run("export", ex.export_onnx, model, path, opset, meta)
+    stages.run("export", ex.export_onnx, model, path, opset, meta)
     note, ok = "skipped (--no-simplify)", False
     if simplify:
         ok, note = stages.run("simplify", ex.simplify_onnx, path)
@@ -174,6 +174,8 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
             tx.commit()
         if skipped:
             m["skipped_targets"] = skipped
+        else:
+            m.pop("skipped_targets", None)
         if check:
             from .parity import stage_check
             stages.run("check", stage_check, tx, net)

@@ -35,7 +35,7 @@ def run(model: str, out: Path) -> dict:
 
 
 def main(models: list[str]) -> None:
-    print(f"# export + simplify + verify, {platform.processor() or platform.machine()}, "
+    print(f"export + simplify + verify, random weights; {platform.processor() or platform.machine()}, "
           f"{time.strftime('%Y-%m-%d')}")
     print("| model | wall s | stages s | peak RSS GB | ONNX GB | peak / ONNX | files | simplified | ORT vs PyTorch max abs (batch 1 / 4) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -2,7 +2,6 @@
 import csv
 import json
 
-import pytest
 
 from conftest import assert_one_line_error, run_cli
 from vit_deploy.bench import bench

@@ -1,6 +1,5 @@
 """Runtime artifacts from one bundle: agreement with PyTorch, determinism, missing runtimes,
 tampered files, batch limits."""
-import hashlib
 import json
 import sys
 

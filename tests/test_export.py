@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from vit_deploy import Bundle, build_model
+from vit_deploy import Bundle
 from vit_deploy.onnx_export import ort_session
 from vit_deploy.pipeline import export
 

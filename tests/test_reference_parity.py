@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vit_deploy import UserError, build_model, save_weights
+from vit_deploy import build_model, save_weights
 
 timm = pytest.importorskip("timm")
 TOL = 1e-4

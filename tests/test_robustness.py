@@ -94,7 +94,7 @@ def test_two_exports_at_once(tmp_path):
 
 
 def test_rerun_reuses_stages_and_force_rebuilds(base_bundle, tmp_path):
-    d = copy_bundle(base_bundle, tmp_path / "vit-ti16")
+    copy_bundle(base_bundle, tmp_path / "vit-ti16")
     code, out, err = run_cli(*EXPORT, "--out", tmp_path)
     assert code == 0, err
     assert err.count("reusing") >= 4  # onnx, int8, ort fp32, ort int8

@@ -1,9 +1,7 @@
 """TensorRT: the build logic against a stand-in here; real engines wherever TensorRT and a GPU exist."""
-import importlib
 import shlex
 import sys
 
-import numpy as np
 import pytest
 
 import trt_standin
@@ -110,7 +108,7 @@ def test_compile_records_the_engine_in_the_manifest(tmp_path, monkeypatch):
 @pytest.mark.skipif(_has_real_tensorrt(), reason="this machine has TensorRT")
 def test_missing_tensorrt_is_one_line_exit_2(tmp_path):
     code, _, err = run_cli("export", "--model", "vit-b16", "--target", "tensorrt", "--out", tmp_path)
-    line = assert_one_line_error(code, err, "TensorRT", "JetPack", "--target openvino")
+    assert_one_line_error(code, err, "TensorRT", "JetPack", "--target openvino")
     assert not (tmp_path / "vit-b16" / "model.onnx").exists()  # refused before any work
 
 

@@ -186,7 +186,7 @@ def run_check(bundle: Bundle, images=None, labels_dir=None, backends=None, save_
     names: list[str] = []
     if golden:
         inputs, ref_logits, gmeta = load_golden(golden, man)
-        names, ref_pre = gmeta.get("images", []), None
+        names = gmeta.get("images", [])
         reference = "golden:" + Path(golden).name
         art_inputs = inputs
     else:
@@ -290,7 +290,7 @@ def format_table(report: dict, markdown: bool = False) -> str:
 def junit_xml(report: dict) -> str:
     from xml.sax.saxutils import quoteattr
     fails = sum(not r["passed"] for r in report["results"])
-    out = [f'<?xml version="1.0" encoding="utf-8"?>',
+    out = ['<?xml version="1.0" encoding="utf-8"?>',
            f'<testsuite name="vit-deploy-check" tests="{len(report["results"])}" failures="{fails}" '
            f'time="{report["seconds"]}">']
     for r in report["results"]:

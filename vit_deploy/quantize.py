@@ -290,7 +290,7 @@ def _safe(name: str) -> str:
 
 def _toposort(nodes, available: set[str]):
     available = set(available) | {""}
-    done, order, pending = set(), [], list(nodes)
+    order, pending = [], list(nodes)
     while pending:
         progressed = False
         rest = []
@@ -476,7 +476,6 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
     src_path = bundle.verify(src)
     calib_dir = Path(calib_dir) if calib_dir else default_calibration_dir()
     images = list_images(calib_dir)
-    from .weights import sha256_file
     key = cache_key(src=src["sha256"], images=[(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in images],
                     calib_size=calib_size, method=method, exclude=list(exclude), max_drop=max_drop,
                     versions=tool_versions("onnx", "onnxruntime"))

@@ -6,7 +6,7 @@ stay fast and light.
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .errors import UserError
 

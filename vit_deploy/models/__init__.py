@@ -18,8 +18,6 @@ def build_model(name: str, num_classes: int | None = None, img_size: int | None 
     vit-deploy layout) or a hub name; `checkpoint` an already read one.
     The returned module carries `.preprocessing`, `.labels` and `.weights_sha256`.
     """
-    import torch
-
     from ..weights import apply_checkpoint, checkpoint_img_size, checkpoint_num_classes, read_checkpoint
     from .vit import VisionTransformer
 

@@ -136,3 +136,32 @@ def test_unwritable_output_directory(tmp_path):
     blocker.write_text("not a directory")
     code, _, err = run_cli("export", "--model", "vit-ti16", "--out", blocker / "sub")
     assert_one_line_error(code, err, "cannot write")
+
+
+def test_fp16_onnx_keeps_layernorm_in_fp32(tiny_bundle, tmp_path, calib_dir):
+    """model.fp16.onnx (for strongly typed TensorRT): FP16 everywhere but LayerNorm, FP32 in and out."""
+    from onnx import TensorProto
+    from vit_deploy.fp16 import convert_to_fp16
+    from vit_deploy.images import list_images, load_images
+    from vit_deploy.quantize import cosine
+    from vit_deploy.zoo import Preprocessing
+    bundle_dir, _ = tiny_bundle
+    half = convert_to_fp16(onnx.load(str(bundle_dir / "model.onnx")))
+    onnx.checker.check_model(half)
+    producers = {o: n for n in half.graph.node for o in n.output}
+    inits = {t.name: t for t in half.graph.initializer}
+    norms = [n for n in half.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 25
+    for n in norms:
+        cast = producers[n.input[0]]
+        assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT
+        assert inits[n.input[1]].data_type == TensorProto.FLOAT
+    big = [t for t in half.graph.initializer if len(t.dims) == 2]
+    assert big and all(t.data_type == TensorProto.FLOAT16 for t in big)
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert half.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    onnx.save(half, str(tmp_path / "h.onnx"))
+    x, _ = load_images(list_images(calib_dir)[:8], Preprocessing(img_size=64))
+    ref = ort_session(bundle_dir / "model.onnx").run(None, {"images": x})[0]
+    got = ort_session(tmp_path / "h.onnx").run(None, {"images": x})[0]
+    assert got.dtype == np.float32 and cosine(ref, got).min() > 0.999

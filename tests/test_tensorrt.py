@@ -22,13 +22,11 @@ def _has_real_tensorrt():
 real_trt = pytest.mark.skipif(not _has_real_tensorrt(), reason="needs TensorRT and an NVIDIA GPU")
 
 
-@pytest.mark.parametrize("version,precision,strong,fp16", [
-    ("10.3.0", "int8", True, False), ("10.3.0", "fp16", False, True), ("10.3.0", "fp32", False, False),
-    ("11.4.0", "int8", True, False), ("11.4.0", "fp32", True, False),
-])
-def test_precision_and_typing_by_version(version, precision, strong, fp16):
+@pytest.mark.parametrize("version", ["10.3.0", "11.4.0"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_always_strongly_typed_and_profile_from_options(version, precision):
     plan = tb.plan_build(version, precision, img_size=224, max_batch=16, opt_batch=4)
-    assert plan["strongly_typed"] is strong and plan["fp16_flag"] is fp16 and plan["layernorm_fp32"] is fp16
+    assert plan["strongly_typed"] is True and plan["precision"] == precision
     assert plan["profile"] == {"input": "images", "min": (1, 3, 224, 224), "opt": (4, 3, 224, 224),
                                "max": (16, 3, 224, 224)}
 
@@ -41,17 +39,15 @@ def test_trtexec_line_mirrors_the_plan():
     assert "--minShapes=images:1x3x384x384" in args and "--maxShapes=images:8x3x384x384" in args
     assert "--stronglyTyped" in args and "--useDLACore=0" in args and "--memPoolSize=workspace:1024M" in args
     assert "--timingCacheFile=trt.timing-cache" in args
-    # 11.x: strongly typed always, the flag is gone; fp16 on 10.x pins LayerNorm to fp32
+    # 11.x: strongly typed always, the flag is gone; no weak-typing precision flags anywhere
     assert "--stronglyTyped" not in tb.plan_build("11.4.0", "int8", img_size=224, max_batch=8)["trtexec"]
-    fp16 = shlex.split(tb.plan_build("10.3.0", "fp16", img_size=224, max_batch=8)["trtexec"])
-    assert "--fp16" in fp16 and "--precisionConstraints=obey" in fp16
+    fp16 = shlex.split(tb.plan_build("10.3.0", "fp16", img_size=224, max_batch=8, onnx_file="model.fp16.onnx")["trtexec"])
+    assert "--stronglyTyped" in fp16 and "--fp16" not in fp16 and "--onnx=model.fp16.onnx" in fp16
 
 
 def test_bad_options_are_user_errors():
     with pytest.raises(UserError, match="too old"):
         tb.plan_build("8.6.1", "int8", img_size=224, max_batch=8)
-    with pytest.raises(UserError, match="FP16"):
-        tb.plan_build("11.4.0", "fp16", img_size=224, max_batch=8)
     with pytest.raises(UserError, match="opt-batch"):
         tb.plan_build("10.3.0", "int8", img_size=224, max_batch=8, opt_batch=9)
 
@@ -79,13 +75,8 @@ def test_build_engine_tells_the_builder_what_the_plan_says(tmp_path, version, pr
     assert cfg.profiles[0].shapes["images"] == ((1, 3, 32, 32), (2, 3, 32, 32), (8, 3, 32, 32))
     assert cfg.pools[trt.MemoryPoolType.WORKSPACE] == 2048 << 20
     assert cfg.default_device_type == trt.DeviceType.DLA and cfg.DLA_core == 1
-    norms = [l for l in net.layers if l.type == trt.LayerType.NORMALIZATION]
-    assert norms
-    if precision == "fp16":
-        assert trt.BuilderFlag.FP16 in cfg.flags
-        assert all(l.precision == trt.float32 and l.output_types == {0: trt.float32} for l in norms)
-    else:
-        assert all(l.precision is None for l in norms)
+    assert not cfg.flags - {trt.BuilderFlag.GPU_FALLBACK}  # no weak-typing precision flags
+    assert all(l.precision is None for l in net.layers)  # precision comes from the ONNX, not from layers
     assert cache.read_bytes() == b"old+timed"  # the warm cache was read and the new one written
 
 
@@ -124,13 +115,17 @@ def test_real_engine_matches_reference(tmp_path, precision):
     assert report["passed"], report
 
 
-def test_default_precisions_on_tensorrt_11_skip_fp16(tmp_path, monkeypatch):
-    """--target tensorrt means FP16 + INT8; TensorRT 11 cannot do FP16 from an FP32 ONNX: skipped, said."""
+@pytest.mark.parametrize("version", ["10.3.0", "11.4.0"])
+def test_tensorrt_fp16_and_int8_from_their_own_onnx(tmp_path, monkeypatch, version):
+    """--target tensorrt means FP16 + INT8: FP16 from model.fp16.onnx (LayerNorm in FP32), INT8 from Q/DQ."""
     from vit_deploy.pipeline import export
-    monkeypatch.setitem(sys.modules, "tensorrt", trt_standin.make("11.4.0"))
+    trt = trt_standin.make(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     m = export(model="vit-ti16", num_classes=4, img_size=32, target="tensorrt", out=tmp_path, check=False, quiet=True)
-    assert {(a["backend"], a["precision"]) for a in m["artifacts"]} == {("onnx", "fp32"), ("onnx", "int8"),
-                                                                         ("tensorrt", "int8")}
-    with pytest.raises(UserError, match="FP16"):
-        export(model="vit-ti16", num_classes=4, img_size=32, target="tensorrt", precision="fp16", out=tmp_path,
-               check=False, quiet=True)
+    arts = {(a["backend"], a["precision"]): a for a in m["artifacts"]}
+    assert set(arts) == {("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8"), ("tensorrt", "fp16"), ("tensorrt", "int8")}
+    assert arts[("tensorrt", "fp16")]["source"] == "model.fp16.onnx"
+    assert arts[("tensorrt", "int8")]["source"] == "model.int8.onnx"
+    assert "--onnx=model.fp16.onnx" in arts[("tensorrt", "fp16")]["trtexec"]
+    parsed = [c[1] for c in trt.calls if c[0] == "parse"]
+    assert any(p.endswith("model.fp16.onnx") for p in parsed) and any(p.endswith("model.int8.onnx") for p in parsed)

@@ -18,7 +18,7 @@ RECIPES = {
     ("openvino", "fp16"): ("fp32", "openvino/model.fp16.xml"),
     ("openvino", "int8"): ("int8", "openvino/model.int8.xml"),
     ("tensorrt", "fp32"): ("fp32", "tensorrt/model.fp32.engine"),
-    ("tensorrt", "fp16"): ("fp32", "tensorrt/model.fp16.engine"),
+    ("tensorrt", "fp16"): ("fp16", "tensorrt/model.fp16.engine"),  # strongly typed: FP16 types in the ONNX
     ("tensorrt", "int8"): ("int8", "tensorrt/model.int8.engine"),
 }
 NOT_BUILT = {("onnxruntime", "fp16"): "ONNX Runtime's CPU provider has no fast FP16 kernels"}
@@ -37,14 +37,12 @@ def stage_compile(tx, runtimes, precisions, *, max_batch: int, device: str = "CP
             if (runtime, precision) in NOT_BUILT:
                 log.info("[compile] %s %s skipped: %s", runtime, precision, NOT_BUILT[(runtime, precision)])
                 continue
-            why = mod.unsupported(precision) if hasattr(mod, "unsupported") else None
-            if why and strict:
-                raise UserError(f"{why}; choose another --precision")
-            if why:
-                log.info("[compile] %s %s skipped: %s", runtime, precision, why)
-                continue
             src_precision, rel = RECIPES[(runtime, precision)]
             src = bundle.find("onnx", src_precision)
+            fp32 = bundle.find("onnx", "fp32")
+            if src_precision == "fp16" and fp32 and (src is None or src.get("source_sha256") != fp32["sha256"]):
+                src = stage_fp16_onnx(tx, stages)  # made on demand, remade when model.onnx changed
+                tx.commit()  # later stages read it from the bundle
             if src is None and not strict:
                 log.info("[compile] %s %s skipped: the bundle has no %s ONNX", runtime, precision, src_precision)
                 continue
@@ -75,6 +73,19 @@ def stage_compile(tx, runtimes, precisions, *, max_batch: int, device: str = "CP
                      "max_batch": max_batch, **extras}
             built.append(tx.add_artifact(entry, rels))
     return built
+
+
+def stage_fp16_onnx(tx, stages=None) -> dict:
+    """model.onnx -> model.fp16.onnx (LayerNorm in FP32), for strongly typed TensorRT FP16."""
+    from . import onnx_io
+    from .fp16 import convert_to_fp16
+    src = tx.bundle.find("onnx", "fp32")
+    path = tx.stage("model.fp16.onnx")
+    run = stages.run if stages else (lambda _n, f, *a, **k: f(*a, **k))
+    run("fp16 onnx", lambda: onnx_io.save(convert_to_fp16(onnx_io.load(tx.bundle.verify(src))), path))
+    entry = {"backend": "onnx", "precision": "fp16", "source": src["path"], "source_sha256": src["sha256"],
+             "conversion": "float16 everywhere but LayerNormalization (FP32, with Casts); FP32 input and output"}
+    return tx.add_artifact(entry, onnx_io.files_of(path))
 
 
 def compile_bundle(bundle_dir, target: str = "all", precision=None, device: str = "CPU", force: bool = False,

@@ -169,8 +169,7 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
         if runtimes:
             from .compile import stage_compile
             stage_compile(tx, runtimes, precisions, max_batch=max_batch, device=device, force=force, stages=stages,
-                          opt_batch=opt_batch, workspace_mb=workspace_mb, dla_core=dla_core,
-                          strict=precision is not None)
+                          opt_batch=opt_batch, workspace_mb=workspace_mb, dla_core=dla_core)
             tx.commit()
         if skipped:
             m["skipped_targets"] = skipped

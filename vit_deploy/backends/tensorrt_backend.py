@@ -5,11 +5,12 @@ Written from NVIDIA's documented API (Python API reference, samples/python,
 the 10.x -> 11.x migration guide). Kept thin: the decisions live in
 `plan_build`, plain data that tests check on machines without TensorRT.
 
-- INT8 comes from the Q/DQ ONNX as a strongly typed network: implicit INT8
-  calibration was deprecated in 10.1 and removed in 11, with weak typing.
-- FP16 on 10.x: weakly typed with BuilderFlag.FP16, LayerNormalization pinned to
-  FP32 (it overflows in FP16 on trained ViTs). 11.x has no FP16 flag: the
-  network must carry FP16 types itself, which vit-deploy does not write yet.
+- Every network is strongly typed: the precision of each tensor comes from the
+  ONNX. INT8 from the Q/DQ model (implicit INT8 calibration was deprecated in
+  10.1 and removed in 11); FP16 from model.fp16.onnx, where LayerNormalization
+  stays FP32 (it overflows in FP16 on trained ViTs). Weak typing and its
+  FP16/INT8 builder flags were deprecated in 10.12 and are gone in 11.x, so one
+  path serves 10.x (JetPack 6 ships 10.3) and 11.x alike.
 """
 from __future__ import annotations
 
@@ -34,15 +35,6 @@ def available() -> str | None:
     return None
 
 
-def unsupported(precision: str) -> str | None:
-    """Why this TensorRT cannot build `precision`, or None."""
-    import tensorrt as trt
-    if precision == "fp16" and major_version(trt.__version__) >= 11:
-        return (f"TensorRT {trt.__version__} builds FP16 only from an ONNX that carries FP16 types "
-                f"(no FP16 builder flag since 11.0)")
-    return None
-
-
 def major_version(version: str) -> int:
     return int(str(version).split(".")[0])
 
@@ -58,15 +50,11 @@ def plan_build(version: str, precision: str, *, img_size: int, max_batch: int, o
         raise UserError(f"TensorRT precision must be fp32, fp16 or int8, not {precision}")
     if not 1 <= opt_batch <= max_batch:
         raise UserError(f"--opt-batch {opt_batch} must lie in 1..{max_batch} (the max batch)")
-    if precision == "fp16" and major >= 11:
-        raise UserError("TensorRT 11 builds FP16 only from an ONNX that carries FP16 types (no FP16 builder "
-                        "flag any more); use --precision int8 or fp32, or TensorRT 10.x")
     shape = lambda b: (b, 3, img_size, img_size)  # noqa: E731
     plan = {
         "trt_version": version,
-        "strongly_typed": precision == "int8" or (major >= 11),
-        "fp16_flag": precision == "fp16",
-        "layernorm_fp32": precision == "fp16",
+        "precision": precision,
+        "strongly_typed": True,  # types come from the ONNX (FP16 / Q/DQ files); the flag is implicit in 11.x
         "profile": {"input": "images", "min": shape(1), "opt": shape(opt_batch), "max": shape(max_batch)},
         "workspace_bytes": int(workspace_mb) << 20,
         "dla_core": dla_core,
@@ -87,8 +75,6 @@ def trtexec_command(plan: dict, onnx_file: str, engine_file: str) -> str:
             f"--timingCacheFile={plan['timing_cache']}"]
     if plan["strongly_typed"] and major_version(plan["trt_version"]) < 11:
         args.append("--stronglyTyped")
-    if plan["fp16_flag"]:
-        args += ["--fp16", "--precisionConstraints=obey", "--layerPrecisions=*LayerNorm*:fp32"]
     if plan["dla_core"] is not None:
         args += [f"--useDLACore={plan['dla_core']}", "--allowGPUFallback"]
     return shlex.join(args)
@@ -112,15 +98,6 @@ def build_engine(trt, onnx_path: Path, plan: dict, cache_path: Path) -> bytes:
     profile = builder.create_optimization_profile()
     profile.set_shape(p["input"], p["min"], p["opt"], p["max"])
     config.add_optimization_profile(profile)
-    if plan["fp16_flag"]:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type == trt.LayerType.NORMALIZATION:
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
     if plan["dla_core"] is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(plan["dla_core"])

@@ -61,12 +61,11 @@ def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None
     return files
 
 
-def ort_session(path: Path, threads: int = 0):
+def ort_session(path: Path, threads: int | None = None):
     import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    from .backends.onnxruntime_backend import session_options
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def random_images(batch: int, size: int, seed: int = 0) -> np.ndarray:

@@ -30,10 +30,15 @@ RANDOM_WEIGHTS_NOTE = ("random weights: top-1 agreement is reported but does not
                        "random logits are smaller than INT8 noise); cosine and error still gate")
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity per row (per image) of two batches of logits."""
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
 def metrics(ref: np.ndarray, got: np.ndarray) -> dict:
     diff = np.abs(got.astype(np.float64) - ref)
-    a, b = ref.astype(np.float64), got.astype(np.float64)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    cos = cosine(ref, got)
     k = min(5, ref.shape[1])
     top_ref, top_got = np.argsort(-ref, 1)[:, :k], np.argsort(-got, 1)[:, :k]
     overlap = [len(set(r) & set(g)) / k for r, g in zip(top_ref, top_got)]

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import onnx_io
 from .errors import CheckFailed, UserError
 from .images import list_images, load_images, split_for_calibration
+from .parity import cosine  # noqa: F401  (one definition, shared with the parity check)
 from .progress import progress
 from .zoo import Preprocessing
 
@@ -104,8 +105,8 @@ def default_exclusions(model, targets: list[QTarget]) -> set[str]:
 
 # ------------------------------------------------------------- calibration
 
-def _with_outputs(model_path: Path, tensors: list[str]) -> onnx.ModelProto:
-    m = onnx_io.load(model_path)
+def _add_outputs(m: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """Expose intermediate tensors as graph outputs (in place); returns `m`."""
     have = {o.name for o in m.graph.output}
     m.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors if t not in have)
     return m
@@ -113,9 +114,9 @@ def _with_outputs(model_path: Path, tensors: list[str]) -> onnx.ModelProto:
 
 def _session(model: onnx.ModelProto, threads: int | None = None):
     import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads or 0
+
+    from .backends.onnxruntime_backend import session_options
+    so = session_options(threads)
     if model.ByteSize() < (1 << 31) - 1 and not any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     raise UserError("models over 2 GB cannot be quantized in memory yet (vit-h14 INT8 is not supported)")
@@ -155,7 +156,7 @@ def entropy_threshold(hist: np.ndarray, upper_edges: np.ndarray, levels: int = 1
 
 def collect_ranges(model_path: Path, tensors: list[str], images: np.ndarray, method: str) -> dict[str, list[float]]:
     """Per tensor over the calibration images: [clipping threshold of |x|, min, max]."""
-    sess = _session(_with_outputs(model_path, tensors))
+    sess = _session(_add_outputs(onnx_io.load(model_path), tensors))
     names = [o.name for o in sess.get_outputs()]
     want = [names.index(t) for t in tensors]
     inp = sess.get_inputs()[0].name
@@ -314,8 +315,7 @@ def _run(model: onnx.ModelProto, images: np.ndarray, outputs: list[str] | None =
     if outputs:
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        have = {o.name for o in m.graph.output}
-        m.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in outputs if t not in have)
+        _add_outputs(m, outputs)
     sess = _session(m)
     inp = sess.get_inputs()[0].name
     names = [o.name for o in sess.get_outputs()]
@@ -330,9 +330,6 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).mean())
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
 def layer_report(fp32: onnx.ModelProto, int8: onnx.ModelProto, targets: list[QTarget], excluded: set[str],

@@ -18,7 +18,8 @@ def available() -> str | None:
     return None
 
 
-def _options(threads: int | None):
+def session_options(threads: int | None = None):
+    """The options of every ONNX Runtime session vit-deploy opens."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or 0
@@ -37,7 +38,7 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
     EXTENDED (not ALL): ALL adds layout transforms tied to this CPU's
     instruction set, which ORT documents as unsafe to save for other machines."""
     import onnxruntime as ort
-    so = _options(options.get("threads"))
+    so = session_options(options.get("threads"))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(out)
     large = (onnx_path.parent / (onnx_path.name + ".data")).exists()
@@ -55,7 +56,7 @@ class OrtRunner(Runner):
     def __init__(self, path: Path, max_batch: int, img_size: int, threads: int | None):
         import onnxruntime as ort
         super().__init__(max_batch, img_size)
-        so = _options(threads)
+        so = session_options(threads)
         # ALL at load time: the saved model already has the portable rewrites; the
         # layout transforms for this very CPU are applied here, where it is known.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -180,3 +180,68 @@ def test_asymmetric_scheme_for_cpu_runtimes(tiny, calib_dir, tmp_path):
     assert cosine(ref, got).min() > 0.99
     with pytest.raises(UserError, match="unknown scheme"):
         quantize(tiny, calib_dir, tmp_path / "b.onnx", scheme="affine")
+
+
+def test_model_over_2gb_quantizes_and_compiles(tmp_path, monkeypatch):
+    """vit-h14's path (weights in model.onnx.data, no in-memory session possible),
+    forced on a small model by lowering the external-data threshold; then run the
+    real export pipeline: INT8 ONNX, ONNX Runtime and OpenVINO INT8, and its check."""
+    pytest.importorskip("openvino")
+    import vit_deploy.onnx_io as io
+    monkeypatch.setattr(io, "EXTERNAL_THRESHOLD", 1000)
+    m = export(model="vit-ti16", num_classes=10, img_size=64, target="onnxruntime,openvino", precision="int8",
+               out=tmp_path, quiet=True)
+    by = {(a["backend"], a["precision"]): a for a in m["artifacts"]}
+    assert set(by[("onnx", "fp32")]["files"]) == {"model.onnx", "model.onnx.data"}
+    assert set(by[("onnx", "int8")]["files"]) == {"model.int8.onnx", "model.int8.onnx.data"}
+    assert ("onnxruntime", "int8") in by and ("openvino", "int8") in by
+    results = m["parity"]["results"]
+    assert {"onnxruntime-int8", "openvino-int8"} <= set(results)
+    for name, r in results.items():
+        assert r["passed"] and r["min_cosine"] >= 0.99, (name, r)
+
+
+def _saturated_pairs(u8: np.ndarray, w: np.ndarray) -> int:
+    """VPMADDUBSW (x86 without VNNI): u8 x s8 products added in pairs into a saturating int16.
+    Counts the pairs that would saturate, for activations u8 [n, k] and weights w [m, k]."""
+    p = u8[:, None, :].astype(np.int32) * w[None, :, :].astype(np.int32)
+    pairs = p[..., 0::2] + p[..., 1::2]
+    return int(((pairs > 32767) | (pairs < -32768)).sum())
+
+
+@pytest.mark.parametrize("fix", ["off", "first-layer", "all"])
+def test_overflow_fix_keeps_int16_pairs_from_saturating(tiny, calib_dir, tmp_path, fix):
+    """The layer that reads the image saturates a non-VNNI CPU's int16 pairs with full-range
+    weights (OpenVINO INT8 vit-b16 fell to cosine 0.924 on an AVX2-only CPU); 7-bit weights
+    cannot. Emulated here on real photos, so it is checked on every machine."""
+    from vit_deploy.images import load_images
+    from vit_deploy.quantize import preprocessing_of
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8, overflow_fix=fix)
+    m = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    weights = {k[:-len("_int8")]: v for k, v in inits.items() if k.endswith("_int8")}
+    tops = {k: int(np.abs(v).max()) for k, v in weights.items()}
+    patch = next(k for k in weights if "patch_embed" in k)
+    assert len(r.seven_bit_weights) == {"off": 0, "first-layer": 1, "all": len(r.quantized)}[fix]
+    assert tops[patch] == (127 if fix == "off" else 63)
+    assert all(t == (63 if fix == "all" else 127) for k, t in tops.items() if k != patch)
+    # The patch Conv on real photos: symmetric int8 activations shifted to uint8, as the CPU does.
+    x, _ = load_images(list_images(calib_dir)[:4], preprocessing_of(m))
+    scale = float(inits["images_scale"])
+    s8 = np.clip(np.round(x / scale), -127, 127)
+    p = 16
+    cols = s8.reshape(4, 3, 4, p, 4, p).transpose(0, 2, 4, 1, 3, 5).reshape(-1, 3 * p * p)  # im2col
+    w = weights[patch].reshape(weights[patch].shape[0], -1)
+    saturated = _saturated_pairs((cols + 128).astype(np.uint8), w)
+    assert (saturated > 0) if fix == "off" else (saturated == 0), saturated
+
+
+def test_overflow_fix_auto_follows_the_runtimes(tmp_path):
+    from vit_deploy.quantize import resolve_overflow_fix
+    assert resolve_overflow_fix("auto", ["tensorrt"]) == "off"  # GPUs do not saturate: full 8-bit weights
+    assert resolve_overflow_fix("auto", ["tensorrt", "openvino"]) == "all"  # one Q/DQ model serves both
+    assert resolve_overflow_fix("auto", ()) == "all"  # unknown runtime: safe for every CPU
+    assert resolve_overflow_fix("first-layer", ["tensorrt"]) == "first-layer"
+    code, _, err = run_cli("export", "--model", "vit-ti16", "--precision", "int8", "--overflow-fix", "most",
+                           "--out", tmp_path)
+    assert_one_line_error(code, err, "overflow-fix", "most")

@@ -143,7 +143,7 @@ def test_predict_bad_images(base_bundle, tmp_path):
 def test_info_shows_a_tampered_file(base_bundle, tmp_path):
     d = copy_bundle(base_bundle, tmp_path / "b")
     code, out, _ = run_cli("info", d)
-    assert code == 0 and out.count("sha256 ok") == 4 and "preprocess" in out
+    assert code == 0 and out.count("sha256 ok") == 4 and "preprocess" in out and "overflow fix all" in out
     with open(d / "model.int8.onnx", "ab") as f:
         f.write(b"\0")
     code, out, _ = run_cli("info", d)

@@ -107,6 +107,8 @@ def _engine_options(fn):
 @click.option("--calib-size", type=int, default=32, show_default=True)
 @click.option("--method", "calib_method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
               show_default=True, help="Calibration method for INT8.")
+@click.option("--overflow-fix", type=click.Choice(["auto", "all", "first-layer", "off"]), default="auto", show_default=True,
+              help="7-bit INT8 weights, which CPUs without VNNI cannot saturate; auto: all layers unless only TensorRT runs it.")
 @_engine_options
 @click.option("--no-check", is_flag=True, help="Skip the parity check at the end.")
 @click.option("--force", is_flag=True, help="Rebuild every stage even when its inputs are unchanged.")
@@ -114,14 +116,15 @@ def _engine_options(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
 @_handle_errors
 def export(model_name, target, precision, weights, num_classes, img_size, opset, max_batch, out, no_simplify,
-           calib_dir, calib_size, calib_method, device, opt_batch, workspace_mb, dla_core, no_check, force, quiet, as_json):
+           calib_dir, calib_size, calib_method, overflow_fix, device, opt_batch, workspace_mb, dla_core, no_check, force,
+           quiet, as_json):
     """Checkpoint -> ONNX -> [INT8] -> engines -> parity check, into one bundle."""
     _setup_logging(quiet or as_json)
     from .pipeline import export as run_export
     manifest = run_export(model=model_name, target=target, precision=precision, weights=weights,
                           num_classes=num_classes, img_size=img_size, opset=opset, max_batch=max_batch, out=out,
                           simplify=not no_simplify, calib_dir=calib_dir, calib_size=calib_size,
-                          calib_method=calib_method, device=device, opt_batch=opt_batch, workspace_mb=workspace_mb,
+                          calib_method=calib_method, overflow_fix=overflow_fix, device=device, opt_batch=opt_batch, workspace_mb=workspace_mb,
                           dla_core=dla_core, check=not no_check, force=force, quiet=quiet or as_json)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
@@ -142,14 +145,16 @@ def export(model_name, target, precision, weights, num_classes, img_size, opset,
 @click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric", show_default=True,
               help="Activations: symmetric int8 (every runtime, TensorRT included) or asymmetric uint8 (CPU runtimes only).")
 @click.option("--max-drop", type=float, default=None, help="Return layers to float until top-1 agreement >= 1 - X.")
+@click.option("--overflow-fix", type=click.Choice(["auto", "all", "first-layer", "off"]), default="auto", show_default=True,
+              help="7-bit INT8 weights, which CPUs without VNNI cannot saturate; auto: all layers unless only TensorRT runs it.")
 @click.option("--img-size", type=int, default=None, help="For ONNX files without vit-deploy metadata.")
 @click.option("--mean", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
 @click.option("--std", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
 @click.option("--out", default=None, help="Default: MODEL.int8.onnx beside the input.")
 @click.option("--report", is_flag=True, help="Print the per-layer table.")
 @_handle_errors
-def quantize(model_path, calib_dir, calib_size, method, exclude, attention, scheme, max_drop, img_size, mean, std, out,
-             report):
+def quantize(model_path, calib_dir, calib_size, method, exclude, attention, scheme, max_drop, overflow_fix, img_size, mean,
+             std, out, report):
     """Any ViT ONNX model -> INT8 Q/DQ ONNX from calibration images."""
     _setup_logging(False)
     from .images import default_calibration_dir
@@ -157,7 +162,8 @@ def quantize(model_path, calib_dir, calib_size, method, exclude, attention, sche
     triple = lambda v, name: _triple(v, name)  # noqa: E731
     result = run_quantize(model_path, calib_dir or default_calibration_dir(), out, method=method, exclude=exclude,
                           calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=triple(mean, "--mean"),
-                          std=triple(std, "--std"), attention=attention, report=report, scheme=scheme)
+                          std=triple(std, "--std"), attention=attention, report=report, scheme=scheme,
+                          overflow_fix=overflow_fix)
     if report:
         click.echo(format_report(result.report))
     click.echo(f"wrote {result.path}: {len(result.quantized)} matrix products in INT8, {len(result.excluded)} in float"

@@ -31,6 +31,11 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
             except Exception as e:  # reported, not raised: info shows the state
                 status = f"  CHANGED: {str(e).split(':')[0]}"
         lines.append(f"  {a['backend'] + '-' + a['precision']:<18} {a['path']:<32} {size}  sha256 {a['sha256'][:12]}{status}")
+    q = next((a.get("quantization") for a in manifest["artifacts"] if a.get("quantization")), None)
+    if q:
+        bits = f"7-bit on {len(q['seven_bit_weights'])} tensor(s)" if q.get("seven_bit_weights") else "8-bit"
+        lines.append(f"int8       {q['method']} calibration on {len(q['calibration_images'])} images, "
+                     f"{q['quantized_nodes']} matrix products, weights {bits} (overflow fix {q.get('overflow_fix', 'off')})")
     for s in manifest.get("skipped_targets") or []:
         lines.append(f"  skipped {s['runtime']}: {s['reason']}")
     p = manifest.get("parity")

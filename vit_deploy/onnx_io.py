@@ -44,6 +44,30 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None 
     return [path.name]
 
 
+def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> list[str]:
+    """`save`, written under the final names in a temporary folder beside `path` (the
+    model refers to its data file by name), then renamed into place, the model last."""
+    import shutil
+    import tempfile
+
+    from .atomic import _fsync_dir
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        names = save(model, tmp / path.name, external)
+        for name in reversed(names):  # data first: the model never points at a missing file
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp / name, path.parent / name)
+        if len(names) == 1 and path.with_name(path.name + ".data").exists():
+            path.with_name(path.name + ".data").unlink()  # an older, external copy's weights
+        _fsync_dir(path.parent)
+        return names
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load(path: str | os.PathLike, with_weights: bool = True) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=with_weights)
 

@@ -67,6 +67,11 @@ def plan_targets(target, precision) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(dict.fromkeys(runtimes)), precisions
 
 
+def wants_all(target) -> bool:
+    """`--target all` builds what this machine can and skips the rest; a named runtime must be present."""
+    return "all" in _parse_list(target or "onnx", tuple(TARGETS), "target")
+
+
 def _model_section(model, spec) -> dict:
     return {**spec_dict(spec), "num_classes": model.num_classes, "img_size": model.img_size,
             "layer_norm_eps": model.norm.eps, "labels": model.labels}
@@ -124,7 +129,7 @@ def stage_onnx(tx: Transaction, model, opset: int, simplify: bool, force: bool, 
 def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights=None,
            num_classes: int | None = None, img_size: int | None = None, opset: int = 17,
            max_batch: int = 32, out: str | Path = "models", simplify: bool = True,
-           calib_dir=None, calib_size: int = 32, calib_method: str = "percentile",
+           calib_dir=None, calib_size: int = 32, calib_method: str = "percentile", overflow_fix: str = "auto",
            device: str = "CPU", opt_batch: int = 1, workspace_mb: int = 2048, dla_core: int | None = None,
            check: bool = True, force: bool = False, quiet: bool = False) -> dict:
     """Run the whole pipeline into the bundle `<out>/<model>/`; returns its manifest."""
@@ -138,8 +143,10 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
         raise UserError(f"--max-batch must be at least 1, got {max_batch}")
     runtimes, precisions = plan_targets(target, precision)
     from .backends import require_runtimes
-    runtimes, skipped = require_runtimes(runtimes, skip_missing="all" in str(target))
+    runtimes, skipped = require_runtimes(runtimes, skip_missing=wants_all(target))
     if "int8" in precisions:  # fail on bad calibration input before any work
+        from .quantize import resolve_overflow_fix
+        resolve_overflow_fix(overflow_fix)
         from .images import default_calibration_dir, list_images
         list_images(calib_dir or default_calibration_dir())
     stages = Stages(quiet)
@@ -164,7 +171,8 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
         tx.commit()
         if "int8" in precisions:
             from .quantize import stage_quantize
-            stage_quantize(tx, calib_dir, calib_size, calib_method, force, stages)
+            stage_quantize(tx, calib_dir, calib_size, calib_method, force, stages, overflow_fix=overflow_fix,
+                           runtimes=runtimes)
             tx.commit()
         if runtimes:
             from .compile import stage_compile

@@ -7,6 +7,18 @@ Conv); weights per output channel; everything symmetric with zero point 0,
 which TensorRT requires. LayerNorm, Softmax, GELU, the residual Adds and the
 classification head stay in floating point. One file serves ONNX Runtime,
 OpenVINO and TensorRT.
+
+The overflow fix: x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake)
+multiply uint8 by int8 with VPMADDUBSW, which adds each pair of products into a
+saturating int16; both CPU runtimes shift int8 activations to uint8 first. With
+full-range weights the pairs overflow. Measured on an AVX2-only CPU (logit
+cosine to FP32): OpenVINO INT8 vit-b16 0.924; vit-ti16 at 64 px 0.984 on ONNX
+Runtime where the same Q/DQ arithmetic done exactly gives 0.995. Weights in
+[-63, 63] (7 bits) cannot overflow, and then the INT8 kernels match the exact
+arithmetic on any CPU, for ~0.002 of cosine on CPUs that have VNNI. So `auto`
+uses 7-bit weights whenever a CPU runtime may run the model and full 8-bit
+weights for TensorRT alone (GPUs do not saturate); `first-layer` is NNCF's
+default (the layer that reads the image only).
 """
 from __future__ import annotations
 
@@ -32,6 +44,16 @@ from .zoo import Preprocessing
 log = logging.getLogger("vit_deploy")
 METHODS = ("minmax", "entropy", "percentile")
 SCHEMES = ("symmetric", "asymmetric")
+OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
+
+
+def resolve_overflow_fix(fix: str, runtimes=None) -> str:
+    """`auto` -> `off` when only TensorRT will run the model, else `all` (see above)."""
+    if fix not in OVERFLOW_FIXES:
+        raise UserError(f"unknown overflow fix '{fix}': choose from {', '.join(OVERFLOW_FIXES)}")
+    if fix != "auto":
+        return fix
+    return "off" if runtimes and set(runtimes) == {"tensorrt"} else "all"
 PERCENTILE = 99.99
 BINS = 4096
 
@@ -56,6 +78,7 @@ class QuantResult:
     report: list[dict] = field(default_factory=list)
     agreement: float | None = None
     cache_hit: bool = False
+    seven_bit_weights: list[str] = field(default_factory=list)
 
 
 def _initializers(model) -> dict:
@@ -113,13 +136,24 @@ def _add_outputs(m: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
 
 def _session(model: onnx.ModelProto, threads: int | None = None):
+    """An ONNX Runtime session on an in-memory model; one over protobuf's 2 GB
+    limit (vit-h14) goes through a temporary file with its weights beside it."""
+    import tempfile
+
     import onnxruntime as ort
 
     from .backends.onnxruntime_backend import session_options
     so = session_options(threads)
-    if model.ByteSize() < (1 << 31) - 1 and not any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer):
+    if onnx_io.initializer_bytes(model) < onnx_io.EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    raise UserError("models over 2 GB cannot be quantized in memory yet (vit-h14 INT8 is not supported)")
+    with tempfile.TemporaryDirectory(prefix="vit-deploy-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving with external data empties the tensors it writes out
+        onnx_io.save(copy, path, external=True)
+        del copy
+        # The session holds its own copy of the weights once built, so the files can go.
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _batches(x: np.ndarray, size: int = 8):
@@ -230,9 +264,37 @@ def activation_qparams(clip: float, lo: float, hi: float, scheme: str) -> tuple[
     return np.array(scale, np.float32), np.array(zp, np.uint8)
 
 
+def first_layer(model: onnx.ModelProto, targets: list[QTarget]) -> list[QTarget]:
+    """The matrix products that read the image (the graph input) with no other
+    matrix product before them: ViT's patch embedding, the hybrid's stem conv."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name for i in model.graph.input}
+    products = ("Conv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")
+    cache: dict[str, bool] = {}
+
+    def fed_by_input_only(tensor: str) -> bool:
+        if tensor in cache:
+            return cache[tensor]
+        cache[tensor] = False  # guards against cycles
+        n = producers.get(tensor)
+        ok = tensor in inputs if n is None else (n.op_type not in products and
+                                                 any(fed_by_input_only(i) for i in n.input if i))
+        cache[tensor] = ok
+        return ok
+    return [t for t in targets if t.weight is not None and fed_by_input_only(t.activation)]
+
+
+def weight_levels(model: onnx.ModelProto, targets: list[QTarget], overflow_fix: str) -> dict[str, int]:
+    """Largest int8 weight magnitude per weight tensor: 63 where the overflow fix applies, else 127."""
+    overflow_fix = resolve_overflow_fix(overflow_fix)
+    fixed = {"off": [], "all": targets, "first-layer": first_layer(model, targets)}[overflow_fix]
+    return {t.weight: 63 for t in fixed if t.weight is not None}
+
+
 def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str, list[float]],
-               scheme: str = "symmetric") -> onnx.ModelProto:
-    """Q/DQ on each target's activation (per tensor) and weight (per channel, int8, symmetric)."""
+               scheme: str = "symmetric", levels: dict[str, int] | None = None) -> onnx.ModelProto:
+    """Q/DQ on each target's activation (per tensor) and weight (per channel, int8, symmetric;
+    `levels` caps some weights at +-63, see the overflow fix above)."""
     inits = _initializers(model)
     new_nodes, new_inits = [], []
     act_dq: dict[str, str] = {}
@@ -249,10 +311,11 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
             if t.weight not in weight_dq:
                 w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
                 red = tuple(i for i in range(w.ndim) if i != t.axis)
-                scale = np.maximum(np.abs(w).max(axis=red), 1e-12) / 127.0
+                top = (levels or {}).get(t.weight, 127)
+                scale = np.maximum(np.abs(w).max(axis=red), 1e-12) / top
                 shape = [1] * w.ndim
                 shape[t.axis] = -1
-                q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+                q = np.clip(np.round(w / scale.reshape(shape)), -top, top).astype(np.int8)
                 tag = _safe(t.weight)
                 qname, s_name, z_name = f"{tag}_int8", f"{tag}_scale", f"{tag}_zero_point"
                 new_inits += [numpy_helper.from_array(q, qname),
@@ -379,7 +442,8 @@ def preprocessing_of(model: onnx.ModelProto, img_size=None, mean=None, std=None)
 
 def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclude=(), calib_size: int = 32,
              max_drop: float | None = None, img_size=None, mean=None, std=None, attention: bool = False,
-             report: bool = False, recalibrate: bool = False, scheme: str = "symmetric") -> QuantResult:
+             report: bool = False, recalibrate: bool = False, scheme: str = "symmetric",
+             overflow_fix: str = "auto") -> QuantResult:
     """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring)."""
     from .weights import sha256_file
 
@@ -407,8 +471,10 @@ def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclud
     excluded = default_exclusions(model, targets)
     for pattern in exclude:
         excluded |= {t.node.split("#")[0] for t in targets if fnmatch.fnmatch(t.node.split("#")[0], pattern)}
+    levels = weight_levels(model, targets, overflow_fix)
     tensors = list(dict.fromkeys(t.activation for t in targets))
-    key = _calib_key(sha256_file(model_path), [sha256_file(p) for p in calib_paths], method, pre, tensors)
+    model_sha = "+".join(sha256_file(model_path.with_name(f)) for f in onnx_io.files_of(model_path))  # with its weights
+    key = _calib_key(model_sha, [sha256_file(p) for p in calib_paths], method, pre, tensors)
     cache = _cache_dir() / f"{key}.json"
     hit = cache.is_file() and not recalibrate
     if hit:
@@ -420,7 +486,7 @@ def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclud
         write_json(cache, ranges)
 
     def build(excl: set[str]) -> onnx.ModelProto:
-        return insert_qdq(model, [t for t in targets if t.node.split("#")[0] not in excl], ranges, scheme)
+        return insert_qdq(model, [t for t in targets if t.node.split("#")[0] not in excl], ranges, scheme, levels)
 
     qmodel = build(excluded)
     result = QuantResult(out, [], sorted(excluded), method, [p.name for p in calib_paths], [p.name for p in held_paths],
@@ -433,13 +499,14 @@ def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclud
     result.quantized = sorted({t.node.split("#")[0] for t in targets} - excluded)
     result.excluded = sorted(excluded)
     meta = onnx_io.get_metadata(qmodel)
+    result.seven_bit_weights = sorted({t.weight for t in targets if t.weight in levels
+                                       and t.node.split("#")[0] in result.quantized})
     meta.update({"quantization": {"method": method, "scheme": f"activations {scheme}, weights int8 symmetric per channel",
+                                  "overflow_fix": overflow_fix, "seven_bit_weights": result.seven_bit_weights,
                                   "quantized": len(result.quantized), "excluded": result.excluded},
                  "preprocessing": pre.to_dict()})
     onnx_io.set_metadata(qmodel, meta)
-    from .atomic import atomic_path
-    with atomic_path(out) as tmp:
-        onnx_io.save(qmodel, tmp)
+    onnx_io.save_atomic(qmodel, out)
     if result.agreement is not None and result.agreement < 1 - max_drop:
         raise CheckFailed(f"top-1 agreement {result.agreement:.4f} misses 1 - max_drop even with every "
                           f"layer in float; wrote {out} anyway")
@@ -463,25 +530,28 @@ def _fallback(model, qmodel, build, excluded, report, eval_paths, pre, max_drop,
     return qmodel, excluded
 
 
-def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, stages, exclude=(), max_drop=None):
+def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, stages, exclude=(), max_drop=None,
+                   overflow_fix: str = "auto", runtimes=()):
     """Pipeline stage: model.onnx -> model.int8.onnx in the bundle."""
     from .images import default_calibration_dir
     from .versions import cache_key, tool_versions
 
     bundle = tx.bundle
+    overflow_fix = resolve_overflow_fix(overflow_fix, runtimes)
     src = bundle.find("onnx", "fp32")
     src_path = bundle.verify(src)
     calib_dir = Path(calib_dir) if calib_dir else default_calibration_dir()
     images = list_images(calib_dir)
     key = cache_key(src=src["sha256"], images=[(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in images],
                     calib_size=calib_size, method=method, exclude=list(exclude), max_drop=max_drop,
+                    overflow_fix=overflow_fix,
                     versions=tool_versions("onnx", "onnxruntime"))
     old = bundle.reusable("onnx", "int8", key, force)
     if old:
         return old
     out = tx.stage("model.int8.onnx")
     result = stages.run("quantize", quantize, src_path, calib_dir, out, method=method, exclude=exclude,
-                        calib_size=calib_size, max_drop=max_drop, recalibrate=force)
+                        calib_size=calib_size, max_drop=max_drop, recalibrate=force, overflow_fix=overflow_fix)
     from . import onnx_io
     entry = {"backend": "onnx", "precision": "int8", "source": src["path"], "cache_key": key,
              "quantization": {"method": method, "scheme": "int8 symmetric (zero point 0), weights per channel",
@@ -489,5 +559,6 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
                               "calibration_images": result.calibration_images,
                               "held_out_images": result.held_out_images,
                               "quantized_nodes": len(result.quantized), "excluded_nodes": result.excluded,
-                              "agreement": result.agreement}}
+                              "agreement": result.agreement, "overflow_fix": overflow_fix,
+                              "seven_bit_weights": result.seven_bit_weights}}
     return tx.add_artifact(entry, onnx_io.files_of(out))

@@ -62,3 +62,29 @@ def copy_bundle(src, dst):
     import shutil
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def b16_check(b16_bundle, tmp_path_factory):
+    """`vit-deploy check` on the b16 bundle's five ONNX Runtime and OpenVINO artifacts with 64
+    images (the 48 calibration files and 16 of them mirrored), timed, with every report format.
+    Shared by the check tests (issue 6) and the engine agreement test (issue 5)."""
+    import json
+    import shutil
+    import time
+    from PIL import Image, ImageOps
+    d, _ = b16_bundle
+    tmp = tmp_path_factory.mktemp("b16check")
+    photos = sorted((REPO / "calibration").glob("*.jpg"))
+    (tmp / "imgs").mkdir()
+    for p in photos:
+        shutil.copy(p, tmp / "imgs")
+    for p in photos[:64 - len(photos)]:
+        ImageOps.mirror(Image.open(p)).save(tmp / "imgs" / f"mirrored_{p.name}")
+    t = time.perf_counter()
+    code, out, err = run_cli("check", d, "--images", tmp / "imgs", "--max-images", "64", "--backends",
+                             "onnxruntime,openvino", "--json", tmp / "r.json", "--markdown", tmp / "r.md",
+                             "--junit", tmp / "r.xml")
+    seconds = time.perf_counter() - t
+    report = json.loads((tmp / "r.json").read_text()) if (tmp / "r.json").exists() else None
+    return {"code": code, "out": out, "err": err, "seconds": seconds, "report": report, "dir": tmp}

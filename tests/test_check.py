@@ -17,36 +17,38 @@ from vit_deploy.weights import sha256_file
 pytest.importorskip("openvino")
 
 
-def test_good_b16_bundle_passes_with_reports(b16_bundle, tmp_path):
-    d, manifest = b16_bundle
-    assert manifest["parity"]["passed"]  # the export's own check
-    code, out, err = run_cli("check", d, "--max-images", "64", "--json", tmp_path / "r.json",
-                             "--markdown", tmp_path / "r.md", "--junit", tmp_path / "r.xml")
-    assert code == 0, out + err
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["passed"] and len(report["results"]) == 7
-    assert "| onnxruntime-int8 | int8 |" in (tmp_path / "r.md").read_text()
-    suite = ET.parse(tmp_path / "r.xml").getroot()
-    assert suite.get("tests") == "7" and suite.get("failures") == "0"
-    assert "PASS" in out and "random weights" in out  # says why top-1 agreement does not gate
-
-
-def test_check_time_budget(b16_bundle, tmp_path):
-    """Issue #6: vit-b16, five artifacts, 64 images, under 2 minutes on 2 cores."""
-    import shutil
+def _fp32_gflops() -> float:
+    """This machine's FP32 matrix-product speed on 2 threads (best of a few 1024^3 products)."""
     import time
-    from PIL import Image, ImageOps
-    from vit_deploy.parity import check
-    photos = sorted(default_calibration_dir().glob("*.jpg"))
-    for p in photos:
-        shutil.copy(p, tmp_path)
-    for p in photos[:64 - len(photos)]:
-        ImageOps.mirror(Image.open(p)).save(tmp_path / f"mirrored_{p.name}")
-    d, _ = b16_bundle
-    t = time.perf_counter()
-    report = check(d, backends=["onnxruntime", "openvino"], max_images=64, record=False, images=tmp_path)
-    assert report["images"] == 64 and len(report["results"]) == 5
-    assert time.perf_counter() - t < 120
+    import torch
+    torch.set_num_threads(2)
+    a = torch.randn(1024, 1024)
+    best = 0.0
+    for _ in range(8):
+        t = time.perf_counter()
+        a @ a
+        best = max(best, 2 * 1024 ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def test_good_b16_bundle_passes_with_reports_within_time(b16_bundle, b16_check):
+    """Issue #6: a good vit-b16 bundle (FP32, FP16, INT8 on ONNX Runtime and OpenVINO) passes,
+    exit 0, with JSON, markdown and JUnit reports; five artifacts on 64 images in under 2 minutes
+    on the project's machine (2 cores, AVX-512 VNNI, 189 GFLOP/s FP32). On a slower machine
+    the budget grows by how much slower its FP32 matrix products are, measured here."""
+    _, manifest = b16_bundle
+    assert manifest["parity"]["passed"] and len(manifest["parity"]["results"]) == 7  # the export's own check
+    r = b16_check
+    assert r["code"] == 0, r["out"] + r["err"]
+    report = r["report"]
+    assert report["passed"] and report["images"] == 64 and len(report["results"]) == 5
+    assert "| onnxruntime-int8 | int8 |" in (r["dir"] / "r.md").read_text()
+    suite = ET.parse(r["dir"] / "r.xml").getroot()
+    assert suite.get("tests") == "5" and suite.get("failures") == "0"
+    assert "PASS" in r["out"] and "random weights" in r["out"]  # says why top-1 agreement does not gate
+    budget = 120 * max(1.0, 189 / _fp32_gflops())
+    print(f"check: 5 artifacts, 64 images, {r['seconds']:.1f} s (budget {budget:.0f} s)")
+    assert r["seconds"] < budget
 
 
 def _rehash(d, rel):

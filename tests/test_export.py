@@ -44,6 +44,7 @@ def test_onnxruntime_matches_pytorch_at_batch_1_and_4(tmp_path, timm_name, name)
         with torch.no_grad():
             want = ref(x).numpy()
         got = sess.run(None, {"images": x.numpy()})[0]
+        print(f"{name} batch {batch}: ONNX Runtime vs PyTorch max abs {np.abs(got - want).max():.2e}")
         assert np.abs(got - want).max() <= 1e-4, (name, batch, np.abs(got - want).max())
     onnx_art = manifest["artifacts"][0]
     assert onnx_art["verification"]["batch4_max_abs_diff"] <= 1e-4

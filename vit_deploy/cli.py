@@ -91,6 +91,12 @@ def _engine_options(fn):
     return fn
 
 
+# quantize.OVERFLOW_FIXES, spelled out so the CLI does not import onnx to build its help.
+_overflow_fix_option = click.option(
+    "--overflow-fix", type=click.Choice(["auto", "all", "first-layer", "off"]), default="auto", show_default=True,
+    help="7-bit INT8 weights, which CPUs without VNNI cannot saturate; auto: all layers unless only TensorRT runs it.")
+
+
 @cli.command()
 @click.option("--model", "model_name", default="vit-b16", show_default=True, help="Zoo name (see `vit-deploy models`).")
 @click.option("--target", default="onnx", show_default=True,
@@ -107,8 +113,7 @@ def _engine_options(fn):
 @click.option("--calib-size", type=int, default=32, show_default=True)
 @click.option("--method", "calib_method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
               show_default=True, help="Calibration method for INT8.")
-@click.option("--overflow-fix", type=click.Choice(["auto", "all", "first-layer", "off"]), default="auto", show_default=True,
-              help="7-bit INT8 weights, which CPUs without VNNI cannot saturate; auto: all layers unless only TensorRT runs it.")
+@_overflow_fix_option
 @_engine_options
 @click.option("--no-check", is_flag=True, help="Skip the parity check at the end.")
 @click.option("--force", is_flag=True, help="Rebuild every stage even when its inputs are unchanged.")
@@ -124,8 +129,8 @@ def export(model_name, target, precision, weights, num_classes, img_size, opset,
     manifest = run_export(model=model_name, target=target, precision=precision, weights=weights,
                           num_classes=num_classes, img_size=img_size, opset=opset, max_batch=max_batch, out=out,
                           simplify=not no_simplify, calib_dir=calib_dir, calib_size=calib_size,
-                          calib_method=calib_method, overflow_fix=overflow_fix, device=device, opt_batch=opt_batch, workspace_mb=workspace_mb,
-                          dla_core=dla_core, check=not no_check, force=force, quiet=quiet or as_json)
+                          calib_method=calib_method, overflow_fix=overflow_fix, device=device, opt_batch=opt_batch,
+                          workspace_mb=workspace_mb, dla_core=dla_core, check=not no_check, force=force, quiet=quiet or as_json)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
     elif not quiet:
@@ -145,8 +150,7 @@ def export(model_name, target, precision, weights, num_classes, img_size, opset,
 @click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric", show_default=True,
               help="Activations: symmetric int8 (every runtime, TensorRT included) or asymmetric uint8 (CPU runtimes only).")
 @click.option("--max-drop", type=float, default=None, help="Return layers to float until top-1 agreement >= 1 - X.")
-@click.option("--overflow-fix", type=click.Choice(["auto", "all", "first-layer", "off"]), default="auto", show_default=True,
-              help="7-bit INT8 weights, which CPUs without VNNI cannot saturate; auto: all layers unless only TensorRT runs it.")
+@_overflow_fix_option
 @click.option("--img-size", type=int, default=None, help="For ONNX files without vit-deploy metadata.")
 @click.option("--mean", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
 @click.option("--std", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")

@@ -45,6 +45,8 @@ log = logging.getLogger("vit_deploy")
 METHODS = ("minmax", "entropy", "percentile")
 SCHEMES = ("symmetric", "asymmetric")
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
+PERCENTILE = 99.99
+BINS = 4096
 
 
 def resolve_overflow_fix(fix: str, runtimes=None) -> str:
@@ -54,8 +56,6 @@ def resolve_overflow_fix(fix: str, runtimes=None) -> str:
     if fix != "auto":
         return fix
     return "off" if runtimes and set(runtimes) == {"tensorrt"} else "all"
-PERCENTILE = 99.99
-BINS = 4096
 
 
 @dataclass
@@ -285,9 +285,9 @@ def first_layer(model: onnx.ModelProto, targets: list[QTarget]) -> list[QTarget]
 
 
 def weight_levels(model: onnx.ModelProto, targets: list[QTarget], overflow_fix: str) -> dict[str, int]:
-    """Largest int8 weight magnitude per weight tensor: 63 where the overflow fix applies, else 127."""
-    overflow_fix = resolve_overflow_fix(overflow_fix)
-    fixed = {"off": [], "all": targets, "first-layer": first_layer(model, targets)}[overflow_fix]
+    """Largest int8 weight magnitude per weight tensor: 63 where the (resolved) overflow fix
+    applies; tensors not listed keep 127."""
+    fixed = first_layer(model, targets) if overflow_fix == "first-layer" else targets if overflow_fix == "all" else []
     return {t.weight: 63 for t in fixed if t.weight is not None}
 
 
@@ -456,6 +456,7 @@ def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclud
         raise UserError(f"unknown calibration method '{method}': choose from {', '.join(METHODS)}")
     if calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {calib_size}")
+    overflow_fix = resolve_overflow_fix(overflow_fix)  # the manifest records what was done, never "auto"
     try:
         model = onnx_io.load(model_path)
     except Exception as e:

@@ -15,7 +15,7 @@ full-range weights the pairs overflow. Measured on an AVX2-only CPU (logit
 cosine to FP32): OpenVINO INT8 vit-b16 0.924; vit-ti16 at 64 px 0.984 on ONNX
 Runtime where the same Q/DQ arithmetic done exactly gives 0.995. Weights in
 [-63, 63] (7 bits) cannot overflow, and then the INT8 kernels match the exact
-arithmetic on any CPU, for ~0.002 of cosine on CPUs that have VNNI. So `auto`
+arithmetic on any CPU, for ~0.001 of cosine on CPUs that have VNNI. So `auto`
 uses 7-bit weights whenever a CPU runtime may run the model and full 8-bit
 weights for TensorRT alone (GPUs do not saturate); `first-layer` is NNCF's
 default (the layer that reads the image only).

@@ -65,7 +65,8 @@ def main() -> None:
     out = Path(tempfile.mkdtemp())
     export(model="vit-b16", out=out, check=False, quiet=True)
     fp32 = out / "vit-b16" / "model.onnx"
-    calib = Path(__file__).resolve().parent.parent / "calibration"
+    from vit_deploy.images import default_calibration_dir
+    calib = default_calibration_dir()
     rows = []
     held = None
     for fix in FIXES:

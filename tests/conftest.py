@@ -14,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def calib_dir():
-    return REPO / "calibration"
+    from vit_deploy.images import default_calibration_dir
+    return default_calibration_dir()
 
 
 def run_cli(*args, env=None, cwd=None, timeout=900):
@@ -75,7 +76,8 @@ def b16_check(b16_bundle, tmp_path_factory):
     from PIL import Image, ImageOps
     d, _ = b16_bundle
     tmp = tmp_path_factory.mktemp("b16check")
-    photos = sorted((REPO / "calibration").glob("*.jpg"))
+    from vit_deploy.images import default_calibration_dir
+    photos = sorted(default_calibration_dir().glob("*.jpg"))
     (tmp / "imgs").mkdir()
     for p in photos:
         shutil.copy(p, tmp / "imgs")

@@ -71,6 +71,12 @@ def bench(bundle_dir, backends=None, precisions=None, batches=(1,), threads: int
     arts = [a for a in bundle.artifacts if (not backends or a["backend"] in backends)
             and (not precisions or a["precision"] in precisions)]
     want_torch = include_torch and (not backends or "torch" in backends) and (not precisions or "fp32" in precisions)
+    if want_torch and not backends:  # the eager reference is optional unless asked for by name
+        from ._optional import missing_torch
+        why = missing_torch()
+        if why:
+            log.info("PyTorch eager reference left out: %s", why)
+            want_torch = False
     if not arts and not want_torch:
         have = ", ".join(f"{a['backend']}-{a['precision']}" for a in bundle.artifacts) or "nothing"
         raise UserError(f"{bundle.dir}: no artifact for {', '.join(backends or [])} "
@@ -80,6 +86,8 @@ def bench(bundle_dir, backends=None, precisions=None, batches=(1,), threads: int
     runners, loads = {}, {}
     try:
         if want_torch:
+            from ._optional import require_torch
+            require_torch("bench --backends torch")
             from .backends.torch_backend import TorchRunner
             from .pipeline import build_reference
             t, before = time.perf_counter(), rss_mb()

@@ -19,8 +19,9 @@ _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Ima
 
 
 def default_calibration_dir() -> Path:
-    """The photos shipped in the repository's calibration/ folder."""
-    return Path(__file__).resolve().parent.parent / "calibration"
+    """The photos shipped inside the package (vit_deploy/data/calibration/), so that a
+    wheel install has them as well as the checkout."""
+    return Path(__file__).resolve().parent / "data" / "calibration"
 
 
 def list_images(directory: str | Path) -> list[Path]:

@@ -204,10 +204,8 @@ def run_check(bundle: Bundle, images=None, labels_dir=None, backends=None, save_
         paths = paths[: max(0, max_images - len(label_paths))] + label_paths
         model = reference_model
         if model is None:
-            from .backends.torch_backend import available
-            why = available()
-            if why:
-                raise UserError(f"{why}; or check against outputs saved elsewhere with --golden FILE")
+            from ._optional import require_torch
+            require_torch("check without --golden", "compare with outputs saved elsewhere: --golden FILE")
             from .pipeline import build_reference
             model = build_reference(man, weights)
         # the reference sees images as the model expects them; artifacts as the bundle says

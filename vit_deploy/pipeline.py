@@ -79,7 +79,8 @@ def _model_section(model, spec) -> dict:
 
 def build_reference(manifest: dict, weights=None):
     """The PyTorch model a bundle was made from (its weights verified by hash)."""
-    import torch
+    from ._optional import require_torch
+    torch = require_torch("the PyTorch reference")
 
     from .models import build_model
     from .weights import read_checkpoint
@@ -133,6 +134,10 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
            device: str = "CPU", opt_batch: int = 1, workspace_mb: int = 2048, dla_core: int | None = None,
            check: bool = True, force: bool = False, quiet: bool = False) -> dict:
     """Run the whole pipeline into the bundle `<out>/<model>/`; returns its manifest."""
+    from ._optional import require, require_torch
+    require_torch("export")
+    if simplify:
+        require("onnxsim", "export", "pass --no-simplify")
     from . import onnx_export as ex
     from .models import build_model
     from .weights import read_checkpoint

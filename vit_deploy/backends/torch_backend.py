@@ -9,11 +9,8 @@ RUNTIME = "torch"
 
 
 def available() -> str | None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return "PyTorch is not installed: pip install torch"
-    return None
+    from .._optional import missing_torch
+    return missing_torch()
 
 
 class TorchRunner(Runner):

@@ -18,6 +18,8 @@ def build_model(name: str, num_classes: int | None = None, img_size: int | None 
     vit-deploy layout) or a hub name; `checkpoint` an already read one.
     The returned module carries `.preprocessing`, `.labels` and `.weights_sha256`.
     """
+    from .._optional import require_torch
+    require_torch("build_model")
     from ..weights import apply_checkpoint, checkpoint_img_size, checkpoint_num_classes, read_checkpoint
     from .vit import VisionTransformer
 
@@ -48,7 +50,8 @@ def build_model(name: str, num_classes: int | None = None, img_size: int | None 
 
 def count_model(spec: ModelSpec, num_classes: int = 1000, img_size: int = 224) -> tuple[int, float]:
     """Parameters and GFLOPs (2 x multiply-adds) of one image, computed on the meta device."""
-    import torch
+    from .._optional import require_torch
+    torch = require_torch("counting parameters and FLOPs")
     from torch.utils.flop_counter import FlopCounterMode
 
     from .vit import VisionTransformer

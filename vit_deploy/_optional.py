@@ -31,7 +31,7 @@ def require_torch(what: str, alternative: str | None = None):
 def missing_torch() -> str | None:
     """None when torch imports, else why not and what to install (for optional torch paths)."""
     try:
-        require_torch("the PyTorch reference")
-    except UserError as e:
-        return str(e)
+        importlib.import_module("torch")
+    except ImportError:
+        return f"PyTorch is not installed: {EXPORT_EXTRA}"
     return None

@@ -75,7 +75,7 @@ def bench(bundle_dir, backends=None, precisions=None, batches=(1,), threads: int
         from ._optional import missing_torch
         why = missing_torch()
         if why:
-            log.info("PyTorch eager reference left out: %s", why)
+            log.info("left out the PyTorch eager reference: %s", why)
             want_torch = False
     if not arts and not want_torch:
         have = ", ".join(f"{a['backend']}-{a['precision']}" for a in bundle.artifacts) or "nothing"

@@ -14,7 +14,9 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
     m, pre = manifest["model"], manifest["preprocessing"]
     d = Path(out_dir) if out_dir else None
     w = manifest["source"].get("weights")
-    lines = [f"model      {m['name']}  {m['img_size']} px, {m['num_classes']} classes"
+    kind = (f"embedding [{m.get('output_dim', '?')}] (no head)" if m.get("output") == "embedding"
+            else f"{m['num_classes']} classes")
+    lines = [f"model      {m['name']}  {m['img_size']} px, {kind}"
              + (", labelled" if m.get("labels") else ""),
              f"weights    {w['path']} ({w['layout']}, sha256 {w['sha256'][:12]}...)" if w else
              f"weights    random (seed {manifest['source'].get('seed', 0)}): for testing the pipeline only",
@@ -31,6 +33,10 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
             except Exception as e:  # reported, not raised: info shows the state
                 status = f"  CHANGED: {str(e).split(':')[0]}"
         lines.append(f"  {a['backend'] + '-' + a['precision']:<18} {a['path']:<32} {size}  sha256 {a['sha256'][:12]}{status}")
+    from .backends.openvino_backend import describe_precision
+    ov_precision = describe_precision(manifest["artifacts"])
+    if ov_precision:
+        lines.append(f"openvino   inference precision: {ov_precision}")
     q = next((a.get("quantization") for a in manifest["artifacts"] if a.get("quantization")), None)
     if q:
         bits = f"7-bit on {len(q['seven_bit_weights'])} tensor(s)" if q.get("seven_bit_weights") else "8-bit"
@@ -44,7 +50,8 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
         lines.append(f"parity     {verdict} on {p['images']} images against {p['reference']} ({p['checked']})")
         for name, r in p["results"].items():
             lines.append(f"  {name:<18} max abs {r['max_abs']:.2e}  min cosine {r['min_cosine']:.5f}  "
-                         f"top-1 agreement {r['top1_agreement']:.3f}  {'ok' if r['passed'] else 'FAIL'}")
+                         f"top-1 agreement {'n/a' if r['top1_agreement'] is None else format(r['top1_agreement'], '.3f')}  "
+                         f"{'ok' if r['passed'] else 'FAIL'}")
     lat = manifest.get("latency")
     if lat:
         lines.append(f"latency    {lat.get('machine', '')} ({lat.get('measured', '')})")

@@ -1,6 +1,7 @@
 """OpenVINO: IR (.xml + .bin) from the FP32 or Q/DQ ONNX model."""
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,38 @@ from . import Runner
 
 RUNTIME = "openvino"
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
+
+# Inference precision on CPUs, per artifact. OpenVINO's own default computes float parts
+# in f16 on ARM (5e-2 max abs on a 12-layer MatMul chain under emulation) and in bf16 on
+# x86 CPUs with AVX512_BF16 or AMX, so FP32 and INT8 artifacts pin f32 on every CPU. The
+# FP16 artifact asks for half precision, resolved on the CPU that runs it (HALF below).
+PINNED_F32 = "f32"
+HALF = "half"
+
+
+def precision_policy(precision: str) -> str:
+    return HALF if precision == "fp16" else PINNED_F32
+
+
+def half_precision_for(capabilities, machine: str) -> str:
+    """The half type a CPU computes natively (OpenVINO's OPTIMIZATION_CAPABILITIES): f16 on
+    ARM cores with FP16 arithmetic, bf16 on x86 with AVX512_BF16 or AMX; else f32."""
+    caps = set(capabilities)
+    arm = machine.lower() in ("aarch64", "arm64") or machine.lower().startswith("arm")
+    order = (("FP16", "f16"), ("BF16", "bf16")) if arm else (("BF16", "bf16"), ("FP16", "f16"))
+    return next((hint for cap, hint in order if cap in caps), "f32")
+
+
+def cpu_capabilities(core=None) -> list[str]:
+    import openvino as ov
+    return list((core or ov.Core()).get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def resolve_precision(policy: str, core=None) -> str:
+    """The INFERENCE_PRECISION_HINT for a CPU: the policy itself, or for HALF what this CPU has."""
+    if policy != HALF:
+        return policy
+    return half_precision_for(cpu_capabilities(core), platform.machine())
 
 
 def available() -> str | None:
@@ -30,9 +63,12 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
     _stable_names(model)
     # fp16: weights stored as FP16 (half the size). The Q/DQ model keeps its INT8 weights.
     ov.save_model(model, str(out), compress_to_fp16=precision == "fp16")
+    policy = precision_policy(precision)
     return [out.name, out.with_suffix(".bin").name], {
         "runtime_version": ov.get_version(), "device": options.get("device") or "CPU",
-        "performance_hint": "LATENCY", "inference_precision_hint": "f32",
+        "performance_hint": "LATENCY", "inference_precision_hint": policy,
+        # what the building machine's CPU resolves it to; each machine resolves it again
+        "inference_precision_on_build_cpu": resolve_precision(policy),
         "compress_to_fp16": precision == "fp16"}
 
 
@@ -51,17 +87,17 @@ class OvRunner(Runner):
     name = "openvino"
 
     def __init__(self, path: Path, max_batch: int, img_size: int, device: str, threads: int | None,
-                 precision_hint: str = "f32"):
+                 precision_policy: str = PINNED_F32):
         import openvino as ov
         super().__init__(max_batch, img_size)
         config = {"PERFORMANCE_HINT": "LATENCY"}
+        core = ov.Core()
+        self.inference_precision = None  # the device's own choice (GPU, NPU)
         if device in ("CPU", "AUTO"):
-            # Measured on AVX-512-BF16 CPUs without AMX: the default bf16 for float
-            # parts was slower than f32 in every run (see README); f32 also keeps FP32 exact.
-            config["INFERENCE_PRECISION_HINT"] = precision_hint
+            self.inference_precision = resolve_precision(precision_policy, core)
+            config["INFERENCE_PRECISION_HINT"] = self.inference_precision
             if threads:
                 config["INFERENCE_NUM_THREADS"] = int(threads)
-        core = ov.Core()
         self.compiled = core.compile_model(str(path), device, config)
         self.request = self.compiled.create_infer_request()
 
@@ -72,7 +108,30 @@ class OvRunner(Runner):
 
 def open(path: Path, artifact: dict, options: dict) -> Runner:
     device = options.get("device") or artifact.get("device") or "CPU"
+    # Bundles made before HALF existed recorded f32 for FP16 too: they keep it until rebuilt.
     r = OvRunner(path, options["max_batch"], options["img_size"], device, options.get("threads"),
-                 artifact.get("inference_precision_hint", "f32"))
+                 artifact.get("inference_precision_hint", PINNED_F32))
     r.name = f"openvino-{artifact['precision']}"
     return r
+
+
+def describe_precision(artifacts: list[dict]) -> str | None:
+    """One line for `info`: the inference precision of each OpenVINO artifact on this CPU."""
+    arts = [a for a in artifacts if a["backend"] == RUNTIME]
+    if not arts:
+        return None
+    try:
+        caps = cpu_capabilities()
+    except Exception as e:  # info reports, it does not fail: OpenVINO missing or broken here
+        caps, why = None, f"OpenVINO not usable here ({type(e).__name__})"
+    parts = []
+    for a in arts:
+        policy = a.get("inference_precision_hint", PINNED_F32)
+        if policy == HALF:
+            here = half_precision_for(caps, platform.machine()) if caps is not None else why
+            built = a.get("inference_precision_on_build_cpu")
+            parts.append(f"{a['precision']} half where the CPU computes it: {here} on this CPU"
+                         + (f", {built} where it was built" if built else ""))
+        else:
+            parts.append(f"{a['precision']} {policy} (pinned on every CPU)")
+    return "; ".join(parts) + (f"  [CPU capabilities: {', '.join(caps)}]" if caps is not None else "")

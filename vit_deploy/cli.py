@@ -203,6 +203,19 @@ def compile_cmd(bundle, target, precision, device, opt_batch, workspace_mb, dla_
     click.echo(format_summary(manifest, out_dir=bundle))
 
 
+def _signature_option(fn):
+    """--require-signature PUB.pem (or VIT_DEPLOY_REQUIRE_SIGNATURE for a fleet): every bundle
+    the command opens must be signed by that key and unchanged since; it is not written to."""
+    @functools.wraps(fn)
+    def wrapper(*args, require_signature=None, **kwargs):
+        from .bundle import signature_required
+        with signature_required(require_signature):
+            return fn(*args, **kwargs)
+    return click.option("--require-signature", metavar="PUB.pem", envvar="VIT_DEPLOY_REQUIRE_SIGNATURE",
+                        default=None, help="Refuse a bundle unless `vit-deploy verify --key PUB.pem` passes "
+                        "(env VIT_DEPLOY_REQUIRE_SIGNATURE); results are then not recorded in it.")(wrapper)
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--images", default=None, help="More images to check on.")
@@ -218,6 +231,7 @@ def compile_cmd(bundle, target, precision, device, opt_batch, workspace_mb, dla_
 @click.option("--golden", default=None, help="Compare with a golden FILE instead of PyTorch.")
 @click.option("--set", "overrides", multiple=True, help="Override a threshold: PRECISION.METRIC=VALUE, e.g. int8.min_cosine=0.98")
 @click.option("--store", is_flag=True, help="Keep the --set thresholds in the bundle for later checks.")
+@_signature_option
 @_handle_errors
 def check(bundle, images, labels_dir, backends, weights, max_images, threads, json_out, markdown, junit,
           save_golden, golden, overrides, store):
@@ -239,6 +253,11 @@ def check(bundle, images, labels_dir, backends, weights, max_images, threads, js
             if prec not in THRESHOLDS or metric not in ("max_abs", "min_cosine", "top1_agreement"):
                 raise UserError(f"--set: unknown threshold '{prec}.{metric}' (precisions fp32, fp16, int8; "
                                 f"metrics max_abs, min_cosine, top1_agreement)")
+    from .bundle import required_signature_key
+    signed = required_signature_key() is not None  # a signed bundle stays as it was signed
+    if store and signed:
+        raise UserError("--store would change a signed bundle (and break its signature); "
+                        "store thresholds before signing")
     if store:
         from .bundle import Bundle
         with Bundle.writing(bundle) as tx:
@@ -248,7 +267,8 @@ def check(bundle, images, labels_dir, backends, weights, max_images, threads, js
     try:
         report = run_check(bundle, images=images, labels_dir=labels_dir, backends=backends, json_out=json_out,
                            markdown=markdown, junit=junit, save_golden_to=save_golden, golden=golden,
-                           thresholds=thresholds, weights=weights, max_images=max_images, threads=threads)
+                           thresholds=thresholds, weights=weights, max_images=max_images, threads=threads,
+                           record=not signed)
     except CheckFailed as e:
         if getattr(e, "report", None):
             click.echo(format_table(e.report))
@@ -271,6 +291,7 @@ def check(bundle, images, labels_dir, backends, weights, max_images, threads, js
 @click.option("--csv", "csv_out", default=None)
 @click.option("--markdown", default=None)
 @click.option("--plot", "plot_out", default=None, help="PNG with p50 bars and p90 whiskers.")
+@_signature_option
 @_handle_errors
 def bench(bundle, backends, precisions, batches, threads, warmup, iters, duration, no_torch, show_device,
           json_out, csv_out, markdown, plot_out):
@@ -282,12 +303,14 @@ def bench(bundle, backends, precisions, batches, threads, warmup, iters, duratio
     _setup_logging(False)
     from . import bench as b
     from .atomic import atomic_path, write_json
+    from .bundle import required_signature_key
     try:
         sizes = tuple(int(x) for x in batches.split(","))
     except ValueError:
         raise UserError(f"--batch takes comma-separated integers, got '{batches}'") from None
     report = b.bench(bundle, backends=backends, precisions=precisions, batches=sizes, threads=threads,
-                     warmup=warmup, iters=iters, duration=duration, include_torch=not no_torch)
+                     warmup=warmup, iters=iters, duration=duration, include_torch=not no_torch,
+                     record=required_signature_key() is None)
     click.echo(b.format_table(report))
     if show_device:
         click.echo(json.dumps(report["device"], indent=2))
@@ -308,6 +331,7 @@ def bench(bundle, backends, precisions, batches, threads, warmup, iters, duratio
 @click.option("--top", type=int, default=5, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True)
+@_signature_option
 @_handle_errors
 def predict(target, images, backend, top, threads, as_json):
     """Top classes for IMAGES with a bundle (or one artifact inside it)."""
@@ -335,6 +359,36 @@ def info(bundle, as_json):
         click.echo(json.dumps(Bundle.open(bundle).manifest, indent=2))
     else:
         click.echo(summary(bundle))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--key", required=True, metavar="KEY.pem", help="EC private key (PEM), e.g. from `openssl ecparam`.")
+@click.option("--signature", default=None, help="Where to write it (default: BUNDLE/bundle.sig, travelling with it).")
+@click.option("--password-env", default=None, metavar="VAR", help="Environment variable holding the key's password.")
+@_handle_errors
+def sign(bundle, key, signature, password_env):
+    """Sign every file of BUNDLE, manifest included (OpenSSF model signing; the `sign` extra)."""
+    import os
+    from .signing import sign_bundle
+    password = os.environ.get(password_env) if password_env else None
+    if password_env and password is None:
+        raise UserError(f"--password-env: environment variable {password_env} is not set")
+    click.echo(f"signed {bundle}: {sign_bundle(bundle, key, signature, password)}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--key", required=True, metavar="PUB.pem", help="The public key of the signer (PEM).")
+@click.option("--signature", default=None, help="Default: BUNDLE/bundle.sig.")
+@_handle_errors
+def verify(bundle, key, signature):
+    """Check that every file of BUNDLE is as signed with KEY's pair: exit 2 naming what changed or was added."""
+    from .bundle import Bundle
+    from .signing import verify_bundle
+    count = verify_bundle(bundle, key, signature)
+    Bundle.open(bundle)  # and that what was signed is a sound bundle
+    click.echo(f"{bundle}: signature ok, {count} files as signed")
 
 
 def main():

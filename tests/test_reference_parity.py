@@ -137,14 +137,38 @@ def test_position_embedding_is_resampled_for_another_size(tmp_path):
     _compare(ref384, ours, img_size=384, batch=1)
 
 
-def test_head_with_other_class_count_is_replaced_with_warning(tmp_path, caplog):
+def test_head_that_fits_neither_the_asked_classes_nor_none_names_both_shapes(tmp_path):
+    """A 10-class head asked for 4 classes is the user's mismatch (issue 12): exit 2 naming both
+    shapes; --num-classes 0 drops the head and gives the embedding instead."""
+    from vit_deploy import UserError
     ref = timm.create_model("vit_tiny_patch16_224", num_classes=10).eval()
     torch.save(ref.state_dict(), tmp_path / "w.pth")
-    with caplog.at_level("WARNING", logger="vit_deploy"):
-        ours = build_model("vit-ti16", weights=tmp_path / "w.pth", num_classes=4)
-    assert ours.head.weight.shape == (4, 192)
-    assert any("head is replaced" in r.getMessage() for r in caplog.records)
-    torch.testing.assert_close(ours.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+    with pytest.raises(UserError, match=r"head \[10, 192\].*4 classes need \[4, 192\]"):
+        build_model("vit-ti16", weights=tmp_path / "w.pth", num_classes=4)
+    ours = build_model("vit-ti16", weights=tmp_path / "w.pth", num_classes=0)
+    assert ours.output == "embedding"
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref.forward_head(ref.forward_features(x), pre_logits=True),
+                                   atol=TOL, rtol=0)
+
+
+def test_headless_checkpoint_gives_the_embedding(tmp_path):
+    """timm's headless weights (num_classes=0, as vit_huge/vit_large_patch32/the R50 hybrid are
+    published) load without --num-classes and give forward_head(pre_logits=True); asking for
+    classes from them names the missing head."""
+    from vit_deploy import UserError
+    ref = timm.create_model("vit_tiny_patch16_224", num_classes=0).eval()
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    ours = build_model("vit-ti16", weights=tmp_path / "w.pth")
+    assert ours.num_classes == 0 and ours.output == "embedding"
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref.forward_head(ref.forward_features(x), pre_logits=True)
+        assert ours(x).shape == (2, 192)
+        torch.testing.assert_close(ours(x), want, atol=TOL, rtol=0)
+    with pytest.raises(UserError, match=r"no head .*\[10, 192\]"):
+        build_model("vit-ti16", weights=tmp_path / "w.pth", num_classes=10)
 
 
 def test_batch_is_never_a_python_int():

@@ -91,7 +91,8 @@ def stage_fp16_onnx(tx, stages=None) -> dict:
 def compile_bundle(bundle_dir, target: str = "all", precision=None, device: str = "CPU", force: bool = False,
                    opt_batch: int = 1, workspace_mb: int = 2048, dla_core: int | None = None, quiet: bool = False) -> dict:
     """`vit-deploy compile`: build runtime artifacts for a bundle that already holds its ONNX files."""
-    from .pipeline import Stages, plan_targets, wants_all
+    from .stages import Stages
+    from .targets import plan_targets, wants_all
 
     Bundle.open(bundle_dir)  # a clear error when it is not a bundle
     runtimes, precisions = plan_targets(target, precision)

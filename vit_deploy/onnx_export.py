@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from .errors import CheckFailed, UserError
 log = logging.getLogger("vit_deploy")
 
 OPSET_RANGE = (14, 20)
-INPUT, OUTPUT = "images", "logits"
+INPUT, OUTPUT, EMBEDDING = "images", "logits", "embedding"
 TRACE_BATCH = 2
 VERIFY_BATCHES = (1, 4)  # both differ from the trace batch: a batch baked into a Reshape cannot pass
 # MatMul + Add stays as it is: Reshape-Gemm-Reshape on 3-D activations hides the
@@ -29,36 +30,70 @@ def check_opset(opset: int) -> None:
                         f"use 14-16 only for runtimes that cannot parse it, such as TensorRT 8.6 on old JetPacks)")
 
 
-def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None) -> list[str]:
-    """torch -> ONNX at `path`; returns the files written. Weight standardization is folded first."""
+@dataclass
+class Traced:
+    files: list[str]  # the files written
+    warnings: list[str] = field(default_factory=list)  # where the tracer froze a Python value taken from a tensor
+
+
+def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None) -> Traced:
+    """torch -> ONNX at `path`. Weight standardization is folded first. The output is
+    named after what the model gives (`logits` or `embedding`)."""
     import torch
 
     from .models.resnetv2 import fold_weight_standardization
 
     check_opset(opset)
+    name = (metadata or {}).get("model") or type(model).__name__
     folded = fold_weight_standardization(model)
     if folded:
         log.info("folded weight standardization into %d convs", folded)
     size = model.img_size
+    output = output_name(model)
     dummy = torch.randn(TRACE_BATCH, 3, size, size)
     tmp_dir = path.parent / (path.name + ".parts")
     tmp_dir.mkdir(parents=True, exist_ok=True)
     raw = tmp_dir / "model.onnx"
     # The TorchScript exporter: no extra dependency, deterministic output, and
     # opset >= 17 gives LayerNormalization. It writes one file per tensor past 2 GB.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter warns about every traced shape
-        torch.onnx.export(model, (dummy,), str(raw), dynamo=False, opset_version=opset,
-                          input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                          do_constant_folding=True)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # kept, not shown: they explain a failed verification
+        try:
+            torch.onnx.export(model, (dummy,), str(raw), dynamo=False, opset_version=opset,
+                              input_names=[INPUT], output_names=[output],
+                              dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
+                              do_constant_folding=True)
+        except torch.onnx.errors.OnnxExporterError as e:  # an op with no ONNX form at this opset
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+            raise UserError(f"{name} cannot be exported to ONNX (opset {opset}): {first}") from None
     proto = onnx_io.load(raw)
     proto.producer_name = "vit-deploy"
     onnx_io.set_metadata(proto, metadata or {})
     files = onnx_io.save(proto, path)
     del proto
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    return files
+    return Traced(files, _frozen_values(caught))
+
+
+def output_name(model) -> str:
+    return EMBEDDING if getattr(model, "output", "logits") == "embedding" else OUTPUT
+
+
+def _frozen_values(caught) -> list[str]:
+    """The tracer's warnings about tensor values turned into Python constants: the places
+    where a model's control flow depends on its data, which a traced graph cannot keep."""
+    import linecache
+
+    import torch
+    out = []
+    for w in caught:
+        if not issubclass(w.category, torch.jit.TracerWarning):
+            continue
+        what = str(w.message).split(" might ")[0].split(". ")[0]
+        code = linecache.getline(w.filename, w.lineno).strip()
+        out.append(f"{what} at {Path(w.filename).name}:{w.lineno} `{code}`")
+    return list(dict.fromkeys(out))
 
 
 def ort_session(path: Path, threads: int | None = None):
@@ -142,8 +177,9 @@ def _input_size(path: Path) -> int:
     return int(dims[2].dim_value)
 
 
-def verify_onnx(path: Path, model, tol: float = 1e-4) -> dict:
-    """ONNX Runtime vs PyTorch at two batch sizes; raises CheckFailed past `tol` (relative to the logit scale)."""
+def verify_onnx(path: Path, model, tol: float = 1e-4, trace_warnings=(), model_name: str | None = None) -> dict:
+    """ONNX Runtime vs PyTorch at two batch sizes; raises CheckFailed past `tol` (relative to the
+    output scale), or UserError naming the data-dependent control flow the tracer froze, if any."""
     import torch
     sess = ort_session(path)
     result = {}
@@ -152,11 +188,20 @@ def verify_onnx(path: Path, model, tol: float = 1e-4) -> dict:
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
         got = sess.run(None, {INPUT: x})[0]
+        problem = None
         if got.shape != ref.shape:
-            raise CheckFailed(f"{path.name}: ONNX Runtime output shape {got.shape} at batch {batch}, PyTorch {ref.shape}")
-        diff = float(np.abs(got - ref).max())
-        result[f"batch{batch}_max_abs_diff"] = diff
-        if diff > tol * max(1.0, float(np.abs(ref).max())):
-            raise CheckFailed(f"{path.name}: ONNX Runtime differs from PyTorch by {diff:.2e} at batch {batch}")
+            problem = f"ONNX Runtime output shape {got.shape} at batch {batch}, PyTorch {ref.shape}"
+        else:
+            diff = float(np.abs(got - ref).max())
+            result[f"batch{batch}_max_abs_diff"] = diff
+            if diff > tol * max(1.0, float(np.abs(ref).max())):
+                problem = f"ONNX Runtime differs from PyTorch by {diff:.2e} at batch {batch}"
+        if problem and trace_warnings:
+            raise UserError(f"{model_name or type(model).__name__}: export needs data-dependent control flow, which an "
+                            f"ONNX graph cannot hold: {trace_warnings[0]}"
+                            + (f" (and {len(trace_warnings) - 1} more)" if len(trace_warnings) > 1 else "")
+                            + f"; {problem}")
+        if problem:
+            raise CheckFailed(f"{path.name}: {problem}")
     result["tolerance"] = tol
     return result

@@ -16,6 +16,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import CheckFailed, UserError
 from .images import default_calibration_dir, list_images, load_images
+from .metrics import cosine
 from .zoo import Preprocessing
 
 log = logging.getLogger("vit_deploy")
@@ -28,17 +29,16 @@ THRESHOLDS = {
 }
 RANDOM_WEIGHTS_NOTE = ("random weights: top-1 agreement is reported but does not gate (the margins between "
                        "random logits are smaller than INT8 noise); cosine and error still gate")
+EMBEDDING_NOTE = ("embedding model: top-1/top-5 agreement do not apply (n/a); cosine and max abs gate")
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity per row (per image) of two batches of logits."""
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-
-
-def metrics(ref: np.ndarray, got: np.ndarray) -> dict:
+def metrics(ref: np.ndarray, got: np.ndarray, output: str = "logits") -> dict:
+    """Error and cosine per image; top-1/top-5 agreement only for logits (None for embeddings)."""
     diff = np.abs(got.astype(np.float64) - ref)
     cos = cosine(ref, got)
+    if output == "embedding":
+        return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "min_cosine": float(cos.min()),
+                "mean_cosine": float(cos.mean()), "top1_agreement": None, "top5_agreement": None}
     k = min(5, ref.shape[1])
     top_ref, top_got = np.argsort(-ref, 1)[:, :k], np.argsort(-got, 1)[:, :k]
     overlap = [len(set(r) & set(g)) / k for r, g in zip(top_ref, top_got)]
@@ -61,7 +61,8 @@ def gate(m: dict, limits: dict, gate_top1: bool) -> list[str]:
         failed.append(f"max_abs {m['max_abs']:.3g} > {limits['max_abs']:g}")
     if "min_cosine" in limits and m["min_cosine"] < limits["min_cosine"]:
         failed.append(f"min_cosine {m['min_cosine']:.5f} < {limits['min_cosine']:g}")
-    if gate_top1 and "top1_agreement" in limits and m["top1_agreement"] < limits["top1_agreement"]:
+    if gate_top1 and "top1_agreement" in limits and m["top1_agreement"] is not None \
+            and m["top1_agreement"] < limits["top1_agreement"]:
         failed.append(f"top1_agreement {m['top1_agreement']:.4f} < {limits['top1_agreement']:g}")
     return failed
 
@@ -187,6 +188,7 @@ def run_check(bundle: Bundle, images=None, labels_dir=None, backends=None, save_
     t0 = time.perf_counter()
     man = bundle.manifest
     pre_bundle = Preprocessing.from_dict(man["preprocessing"])
+    output = man["model"].get("output", "logits")
     labels = None
     names: list[str] = []
     if golden:
@@ -199,6 +201,9 @@ def run_check(bundle: Bundle, images=None, labels_dir=None, backends=None, save_
         if images:
             paths += list_images(images)
         label_paths, label_idx = [], None
+        if labels_dir and output == "embedding":
+            raise UserError(f"{bundle.dir}: --labels-dir needs class scores, and this bundle's model outputs "
+                            f"embeddings (no classification head)")
         if labels_dir:
             label_paths, label_idx = _labels_from_dir(Path(labels_dir), man["model"]["num_classes"], man["model"].get("labels"))
         paths = paths[: max(0, max_images - len(label_paths))] + label_paths
@@ -206,7 +211,7 @@ def run_check(bundle: Bundle, images=None, labels_dir=None, backends=None, save_
         if model is None:
             from ._optional import require_torch
             require_torch("check without --golden", "compare with outputs saved elsewhere: --golden FILE")
-            from .pipeline import build_reference
+            from .sources import build_reference
             model = build_reference(man, weights)
         # the reference sees images as the model expects them; artifacts as the bundle says
         ref_inputs, ok = load_images(paths, model.preprocessing)
@@ -236,7 +241,7 @@ def run_check(bundle: Bundle, images=None, labels_dir=None, backends=None, save_
         with open_runner(bundle, art, threads=threads) as runner:
             step = min(batch, runner.max_batch)
             got = np.concatenate([runner(art_inputs[i:i + step]) for i in range(0, len(art_inputs), step)])
-        m = metrics(ref_logits, got)
+        m = metrics(ref_logits, got, output)
         if labels is not None:
             m.update({f"{k}_accuracy": v for k, v in accuracy(got[mask], labels).items()})
         failed = gate(m, limits[art["precision"]], gate_top1)
@@ -250,7 +255,8 @@ def run_check(bundle: Bundle, images=None, labels_dir=None, backends=None, save_
     report = {"bundle": str(bundle.dir), "model": man["model"]["name"], "reference": reference,
               "images": len(inputs), "image_names": names, "passed": all(r["passed"] for r in results),
               "results": results, "seconds": round(time.perf_counter() - t0, 1),
-              "note": None if gate_top1 else RANDOM_WEIGHTS_NOTE}
+              "output": output,
+              "note": EMBEDDING_NOTE if output == "embedding" else None if gate_top1 else RANDOM_WEIGHTS_NOTE}
     if labels is not None:
         report["reference_accuracy"] = accuracy(ref_logits[mask], labels)
         for r in results:
@@ -276,7 +282,8 @@ def format_table(report: dict, markdown: bool = False) -> str:
     rows = []
     for r in report["results"]:
         m = r["metrics"]
-        rows.append([r["artifact"], r["precision"]] + [f"{m[c]:.3g}" if "abs" in c else f"{m[c]:.4f}" for c in cols]
+        rows.append([r["artifact"], r["precision"]] + ["n/a" if m[c] is None else f"{m[c]:.3g}" if "abs" in c
+                                                       else f"{m[c]:.4f}" for c in cols]
                     + ["PASS" if r["passed"] else "FAIL: " + "; ".join(r["failed"])])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

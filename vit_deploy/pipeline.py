@@ -3,100 +3,23 @@
 One plain function per stage, each reading and extending the bundle's manifest.
 A stage whose inputs (weights hash, options, tool versions, upstream artifact
 hashes) are unchanged is reused, and says so; force=True rebuilds.
+The model comes from a source (vit_deploy.sources: the zoo, timm, a Hugging Face
+directory); the stages below never import this module.
 """
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from .bundle import FORMAT_VERSION, Bundle, Transaction
 from .errors import UserError
-from .zoo import get_spec, spec_dict
+from .sources import SEED, build_reference, resolve
+from .stages import Stages
+from .targets import PRECISIONS, TARGETS, plan_targets, wants_all
 
 log = logging.getLogger("vit_deploy")
-
-# One table of targets: the runtimes each builds for and the precisions it makes by default.
-TARGETS = {
-    "onnx": ((), ("fp32",)),
-    "onnxruntime": (("onnxruntime",), ("fp32", "int8")),
-    "openvino": (("openvino",), ("fp32", "int8")),
-    "tensorrt": (("tensorrt",), ("fp16", "int8")),
-    "all": (("onnxruntime", "openvino", "tensorrt"), ("fp32", "fp16", "int8")),
-}
-PRECISIONS = ("fp32", "fp16", "int8")
-SEED = 0  # random weights (no checkpoint) are drawn from this seed, so check can rebuild them
-
-
-class Stages:
-    """Prints each stage with its time; quiet for scripts."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet, self.times = quiet, {}
-
-    def run(self, name: str, fn, *args, **kwargs):
-        t = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.times[name] = round(time.perf_counter() - t, 2)
-        if not self.quiet:
-            log.info("[%s] %.1f s", name, self.times[name])
-        return result
-
-
-def _parse_list(value, allowed, what) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    items = value.split(",") if isinstance(value, str) else [x for v in value for x in str(v).split(",")]
-    items = tuple(dict.fromkeys(i.strip().lower() for i in items if i.strip()))
-    bad = [i for i in items if i not in allowed]
-    if bad:
-        raise UserError(f"unknown {what} '{bad[0]}': choose from {', '.join(allowed)}")
-    return items
-
-
-def plan_targets(target, precision) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Runtimes and precisions to build, from the user's --target and --precision."""
-    targets = _parse_list(target or "onnx", tuple(TARGETS), "target")
-    runtimes, default_prec = [], []
-    for t in targets:
-        runtimes += TARGETS[t][0]
-        default_prec += TARGETS[t][1]
-    precisions = _parse_list(precision, PRECISIONS, "precision") or tuple(dict.fromkeys(default_prec))
-    if "all" not in targets and "tensorrt" not in runtimes and precision is None:
-        precisions = tuple(p for p in precisions if p != "fp16")
-    return tuple(dict.fromkeys(runtimes)), precisions
-
-
-def wants_all(target) -> bool:
-    """`--target all` builds what this machine can and skips the rest; a named runtime must be present."""
-    return "all" in _parse_list(target or "onnx", tuple(TARGETS), "target")
-
-
-def _model_section(model, spec) -> dict:
-    return {**spec_dict(spec), "num_classes": model.num_classes, "img_size": model.img_size,
-            "layer_norm_eps": model.norm.eps, "labels": model.labels}
-
-
-def build_reference(manifest: dict, weights=None):
-    """The PyTorch model a bundle was made from (its weights verified by hash)."""
-    from ._optional import require_torch
-    torch = require_torch("the PyTorch reference")
-
-    from .models import build_model
-    from .weights import read_checkpoint
-
-    src = manifest["source"]
-    m = manifest["model"]
-    ckpt = None
-    path = weights or (src.get("weights") or {}).get("path")
-    if path:
-        ckpt = read_checkpoint(path)
-        want = src["weights"]["sha256"]
-        if ckpt.sha256 != want:
-            raise UserError(f"{ckpt.path}: sha256 differs from the weights the bundle was built from; "
-                            f"pass the original file with --weights")
-    torch.manual_seed(src.get("seed", SEED))
-    return build_model(m["name"], num_classes=m["num_classes"], img_size=m["img_size"], checkpoint=ckpt)
+__all__ = ["export", "stage_onnx", "build_reference", "Stages", "plan_targets", "wants_all", "TARGETS",
+           "PRECISIONS", "SEED"]
 
 
 def stage_onnx(tx: Transaction, model, opset: int, simplify: bool, force: bool, stages: Stages) -> dict:
@@ -110,17 +33,18 @@ def stage_onnx(tx: Transaction, model, opset: int, simplify: bool, force: bool, 
     old = tx.bundle.reusable("onnx", "fp32", key, force)
     if old:
         return old
-    meta = {"model": m["model"]["name"], "num_classes": m["model"]["num_classes"],
+    meta = {"model": m["model"]["name"], "num_classes": m["model"]["num_classes"], "output": m["model"]["output"],
             "preprocessing": m["preprocessing"], "labels": m["model"]["labels"],
             "weights_sha256": (m["source"].get("weights") or {}).get("sha256"), "versions": versions}
     path = tx.stage("model.onnx")
-    stages.run("export", ex.export_onnx, model, path, opset, meta)
+    traced = stages.run("export", ex.export_onnx, model, path, opset, meta)
     note, ok = "skipped (--no-simplify)", False
     if simplify:
         ok, note = stages.run("simplify", ex.simplify_onnx, path)
         if not ok:
             log.warning("keeping the unsimplified model: %s", note)
-    verification = stages.run("verify", ex.verify_onnx, path, model)
+    verification = stages.run("verify", ex.verify_onnx, path, model, trace_warnings=traced.warnings,
+                              model_name=m["model"]["name"])
     from . import onnx_io
     entry = {"backend": "onnx", "precision": "fp32", "opset": opset, "simplified": ok,
              "simplify_note": note, "verification": verification, "cache_key": key, "versions": versions}
@@ -132,17 +56,20 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
            max_batch: int = 32, out: str | Path = "models", simplify: bool = True,
            calib_dir=None, calib_size: int = 32, calib_method: str = "percentile", overflow_fix: str = "auto",
            device: str = "CPU", opt_batch: int = 1, workspace_mb: int = 2048, dla_core: int | None = None,
-           check: bool = True, force: bool = False, quiet: bool = False) -> dict:
-    """Run the whole pipeline into the bundle `<out>/<model>/`; returns its manifest."""
+           check: bool = True, force: bool = False, quiet: bool = False, model_args: dict | None = None) -> dict:
+    """Run the whole pipeline into the bundle `<out>/<name>/`; returns its manifest.
+
+    `model` is a zoo name, `timm:NAME` or a Hugging Face model directory (`hf:DIR`);
+    `model_args` are keyword arguments for timm's constructor (e.g. depth=2).
+    num_classes=0 gives an embedding bundle (the pooled features, no head).
+    """
+    from . import onnx_export as ex
     from ._optional import require, require_torch
-    require_torch("export")
+
+    require_torch("export")  # before any work: a core install (no torch) gets one line naming the extra
     if simplify:
         require("onnxsim", "export", "pass --no-simplify")
-    from . import onnx_export as ex
-    from .models import build_model
-    from .weights import read_checkpoint
-
-    spec = get_spec(model)
+    source = resolve(model)
     ex.check_opset(opset)
     if max_batch < 1:
         raise UserError(f"--max-batch must be at least 1, got {max_batch}")
@@ -155,20 +82,18 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
         from .images import default_calibration_dir, list_images
         list_images(calib_dir or default_calibration_dir())
     stages = Stages(quiet)
-    bundle_dir = Path(out) / model
+    bundle_dir = Path(out) / source.bundle_name
     with Bundle.writing(bundle_dir) as tx:
         import torch
-        ckpt = stages.run("read weights", read_checkpoint, weights) if weights is not None else None
         torch.manual_seed(SEED)
-        net = stages.run("build", build_model, model, num_classes, img_size, checkpoint=ckpt)
+        built = stages.run("build", source.build, num_classes, img_size, weights, dict(model_args or {}))
+        net = built.module
         m = tx.manifest
         m.update({
             "format_version": FORMAT_VERSION,
-            "model": _model_section(net, spec),
+            "model": built.model,
             "preprocessing": net.preprocessing.to_dict(),
-            "source": {"weights": {"path": str(Path(ckpt.path).resolve()), "sha256": ckpt.sha256,
-                                   "layout": ckpt.layout} if ckpt else None,
-                       "seed": SEED},
+            "source": {**built.source, "seed": SEED},
             "max_batch": max_batch,
         })
         m.setdefault("artifacts", [])

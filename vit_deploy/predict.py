@@ -60,7 +60,10 @@ def class_names(manifest: dict) -> list[str]:
     return [f"class {i}" for i in range(m["num_classes"])]
 
 
-def predict(target, images, backend: str | None = None, top: int = 5, threads: int | None = None) -> list[dict]:
+def predict(target, images, backend: str | None = None, top: int = 5, threads: int | None = None,
+            embeddings_out="embeddings.npy") -> list[dict]:
+    """Top classes per image; for an embedding bundle, the embeddings go to `embeddings_out` (.npy,
+    one row per image in order) and each result gives its row, shape and L2 norm."""
     from .backends import open_runner
     bundle, art = locate(target)
     art = art or choose(bundle, backend)
@@ -70,10 +73,12 @@ def predict(target, images, backend: str | None = None, top: int = 5, threads: i
             raise UserError(f"image not found: {p}")
     pre = Preprocessing.from_dict(bundle.manifest["preprocessing"])
     x, ok = load_images(paths, pre, strict=True)
-    names = class_names(bundle.manifest)
     with open_runner(bundle, art, threads=threads) as runner:
         step = runner.max_batch
         logits = np.concatenate([runner(x[i:i + step]) for i in range(0, len(x), step)])
+    if bundle.manifest["model"].get("output") == "embedding":
+        return _write_embeddings(logits, ok, f"{art['backend']}-{art['precision']}", embeddings_out)
+    names = class_names(bundle.manifest)
     e = np.exp(logits - logits.max(1, keepdims=True))
     probs = e / e.sum(1, keepdims=True)
     out = []
@@ -82,3 +87,15 @@ def predict(target, images, backend: str | None = None, top: int = 5, threads: i
         out.append({"image": str(path), "artifact": f"{art['backend']}-{art['precision']}",
                     "top": [{"class": int(i), "name": names[i], "probability": float(p[i])} for i in idx]})
     return out
+
+
+def _write_embeddings(emb: np.ndarray, paths, artifact: str, out) -> list[dict]:
+    from .atomic import atomic_path
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, emb.astype(np.float32))
+    norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+    return [{"image": str(p), "artifact": artifact, "embedding": {"file": str(out), "row": i,
+                                                                  "shape": list(emb[i].shape), "norm": float(n)}}
+            for i, (p, n) in enumerate(zip(paths, norms))]

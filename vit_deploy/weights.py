@@ -202,13 +202,34 @@ def _hf_config(directory: Path) -> tuple[float | None, list[str] | None, dict]:
             labels = [str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in range(len(id2label))]
     pp = directory / "preprocessor_config.json"
     if pp.is_file():
-        p = json.loads(pp.read_text())
-        if "image_mean" in p:
-            pre["mean"], pre["std"] = p["image_mean"], p["image_std"]
-            # ViTImageProcessor resizes straight to the model size (no crop).
-            pre["crop_pct"] = 1.0
-            pre["interpolation"] = {3: "bicubic", 2: "bilinear"}.get(p.get("resample"), "bilinear")
+        pre = {k: v for k, v in hf_preprocessing(json.loads(pp.read_text())).items() if k != "img_size"}
     return eps, labels, pre
+
+
+def _side(size) -> int | None:
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        return size.get("shortest_edge") or size.get("height")
+    return None
+
+
+def hf_preprocessing(p: dict) -> dict:
+    """A transformers preprocessor_config.json as our Preprocessing fields (img_size: the crop)."""
+    pre: dict = {}
+    if "image_mean" in p and p.get("do_normalize", True):
+        pre["mean"], pre["std"] = p["image_mean"], p["image_std"]
+    elif "do_normalize" in p:
+        pre["mean"], pre["std"] = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    pre["interpolation"] = {3: "bicubic", 2: "bilinear", 1: "lanczos", 0: "nearest"}.get(p.get("resample"), "bilinear")
+    resize = _side(p.get("size"))
+    crop = _side(p.get("crop_size")) if p.get("do_center_crop") else None
+    # ViTImageProcessor resizes straight to the model size (no crop); DeiT and DINOv2's
+    # processors resize the short side, then centre-crop: crop_pct is their ratio.
+    pre["crop_pct"] = crop / resize if crop and resize else 1.0
+    if crop or resize:
+        pre["img_size"] = crop or resize
+    return pre
 
 
 def _resolve_hub(name: str) -> Path:
@@ -239,8 +260,18 @@ def _pick_file(directory: Path) -> Path:
     raise UserError(f"{directory}: no checkpoint file found (model.safetensors, pytorch_model.bin, ...)")
 
 
-def read_checkpoint(weights: str | os.PathLike) -> Checkpoint:
-    """Read a weights file (or directory, or hub name) into our naming."""
+@dataclass
+class Tensors:
+    """A weights file's tensors as stored, before any renaming."""
+    state_dict: dict
+    metadata: dict
+    path: Path       # the file read (a directory's weights file)
+    directory: Path  # where its config.json / preprocessor_config.json would be
+    sha256: str
+
+
+def read_tensors(weights: str | os.PathLike) -> Tensors:
+    """A weights file, directory or hub name -> its tensors, read without unpickling code."""
     path = Path(weights)
     if not path.exists():
         looks_like_hub = str(weights).startswith(HUB_PREFIX) or (
@@ -265,6 +296,13 @@ def read_checkpoint(weights: str | os.PathLike) -> Checkpoint:
     sd = {k: v for k, v in sd.items() if hasattr(v, "shape")}
     if all(k.startswith("module.") for k in sd):
         sd = _strip_prefix(sd, "module.")
+    return Tensors(sd, meta, path, directory, sha256_file(path))
+
+
+def read_checkpoint(weights: str | os.PathLike) -> Checkpoint:
+    """Read a weights file (or directory, or hub name) into our naming."""
+    t = read_tensors(weights)
+    sd, meta, path, directory = t.state_dict, t.metadata, t.path, t.directory
     layout = _detect(sd, path, meta)
     eps, labels, pre = None, None, {}
     if layout == "transformers":
@@ -279,7 +317,7 @@ def read_checkpoint(weights: str | os.PathLike) -> Checkpoint:
         if meta.get("preprocessing"):
             pre = {k: v for k, v in json.loads(meta["preprocessing"]).items()
                    if k in ("crop_pct", "interpolation", "mean", "std")}
-    return Checkpoint(sd, layout, path, sha256_file(path), eps, labels, pre)
+    return Checkpoint(sd, layout, path, t.sha256, eps, labels, pre)
 
 
 def save_weights(model, path: str | os.PathLike, labels: list[str] | None = None, preprocessing=None) -> None:
@@ -328,6 +366,25 @@ def resample_pos_embed(pos_embed, new_grid: int):
     return torch.cat([cls, grid.to(pos_embed.dtype)], dim=1)
 
 
+def _fit_head(sd: dict, target: dict, model, ckpt: Checkpoint) -> None:
+    """A head fits when it has the asked class count; the model without one (num_classes 0)
+    drops it. Anything else is the user's mismatch: both shapes are named."""
+    have, want = sd.get("head.weight"), target.get("head.weight")
+    if want is None:  # embedding model: the checkpoint's head, if any, is not used
+        if have is not None:
+            log.info("checkpoint head %s is dropped: the model outputs its embedding", list(have.shape))
+        sd.pop("head.weight", None)
+        sd.pop("head.bias", None)
+        return
+    if have is not None and tuple(have.shape[1:]) != tuple(want.shape[1:]):
+        return  # another variant's head: the tensor-by-tensor check below names the misfit
+    if have is None or tuple(have.shape) != tuple(want.shape):
+        got = f"a head {list(have.shape)}" if have is not None else "no head (headless: the embedding only)"
+        raise UserError(f"{ckpt.path}: the checkpoint has {got}, {model.num_classes} classes need "
+                        f"{list(want.shape)}; leave out --num-classes to use the checkpoint's own head, "
+                        f"or pass --num-classes 0 for its embedding")
+
+
 def apply_checkpoint(model, ckpt: Checkpoint) -> None:
     """Load `ckpt` into `model`, checking every tensor; names the first misfit."""
     sd = dict(ckpt.state_dict)
@@ -338,12 +395,7 @@ def apply_checkpoint(model, ckpt: Checkpoint) -> None:
         log.info("resampling position embedding %s -> %s", tuple(sd["pos_embed"].shape),
                  tuple(target["pos_embed"].shape))
         sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], model.grid_size)
-    if "head.weight" in sd and "head.weight" in target and sd["head.weight"].shape != target["head.weight"].shape \
-            and sd["head.weight"].shape[1:] == target["head.weight"].shape[1:]:
-        log.warning("checkpoint head has %d classes, the model %d: the head is replaced by a new "
-                    "randomly initialised one (fine-tune it before deploying)",
-                    sd["head.weight"].shape[0], target["head.weight"].shape[0])
-        sd["head.weight"], sd["head.bias"] = target["head.weight"], target["head.bias"]
+    _fit_head(sd, target, model, ckpt)
     for k, v in target.items():
         if k not in sd:
             raise UserError(f"{ckpt.path}: weights do not fit {name}: tensor '{k}' {list(v.shape)} is missing "

@@ -11,12 +11,14 @@ log = logging.getLogger("vit_deploy")
 
 def build_model(name: str, num_classes: int | None = None, img_size: int | None = None,
                 weights=None, *, checkpoint=None):
-    """Build a zoo variant in eval mode: float32 NCHW images -> logits.
+    """Build a zoo variant in eval mode: float32 NCHW images -> logits, or with
+    num_classes=0 the pooled embedding (the class token after the final norm).
 
-    num_classes and img_size default to what the weights say, else 1000 and 224.
+    num_classes defaults to the checkpoint's head (0 when it has none), else 1000;
+    img_size to what the weights say, else 224.
     `weights` is a local file or directory (timm, transformers, Google .npz or
     vit-deploy layout) or a hub name; `checkpoint` an already read one.
-    The returned module carries `.preprocessing`, `.labels` and `.weights_sha256`.
+    The returned module carries `.preprocessing`, `.labels`, `.output` and `.weights_sha256`.
     """
     from .._optional import require_torch
     require_torch("build_model")
@@ -26,11 +28,13 @@ def build_model(name: str, num_classes: int | None = None, img_size: int | None 
     spec = get_spec(name)
     ckpt = checkpoint if checkpoint is not None else (read_checkpoint(weights) if weights is not None else None)
     if ckpt is not None:
-        num_classes = num_classes or checkpoint_num_classes(ckpt.state_dict) or 1000
+        if num_classes is None:  # the checkpoint's head decides; a headless one gives the embedding
+            num_classes = checkpoint_num_classes(ckpt.state_dict) or 0
         img_size = img_size or checkpoint_img_size(ckpt.state_dict, spec.stride) or 224
-    num_classes, img_size = num_classes or 1000, img_size or 224
-    if num_classes < 1:
-        raise UserError(f"--num-classes must be at least 1, got {num_classes}")
+    num_classes = 1000 if num_classes is None else num_classes
+    img_size = img_size or 224
+    if num_classes < 0:
+        raise UserError(f"--num-classes must be 0 (the embedding) or more, got {num_classes}")
     check_img_size(spec, img_size)
     model = VisionTransformer(spec, num_classes, img_size,
                               layer_norm_eps=ckpt.layer_norm_eps if ckpt else None)
@@ -43,6 +47,7 @@ def build_model(name: str, num_classes: int | None = None, img_size: int | None 
         if ckpt.labels and len(ckpt.labels) == num_classes:
             labels = ckpt.labels
     model.preprocessing, model.labels = pre, labels
+    model.output = "logits" if num_classes else "embedding"
     model.weights_sha256 = ckpt.sha256 if ckpt else None
     model.weights_layout = ckpt.layout if ckpt else None
     return model.eval().requires_grad_(False)

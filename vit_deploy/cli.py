@@ -71,6 +71,8 @@ def models(as_json):
         click.echo(f"{r['name']:<12} {patch:>5} {r['layers']:>6} {r['hidden_size']:>6} {r['mlp_size']:>5} "
                    f"{r['heads']:>5} {r['params'] / 1e6:>8.2f}M {r['gflops']:>7.2f}")
     click.echo("* hybrid: 1x1 patches on the 14x14x1024 map of a ResNet-50 v2 backbone (stages 3/4/9)")
+    from .sources import OTHER_SOURCES
+    click.echo(OTHER_SOURCES)
 
 
 def _csv(ctx, param, value):
@@ -98,12 +100,16 @@ _overflow_fix_option = click.option(
 
 
 @cli.command()
-@click.option("--model", "model_name", default="vit-b16", show_default=True, help="Zoo name (see `vit-deploy models`).")
+@click.option("--model", "model_name", default="vit-b16", show_default=True,
+              help="Zoo name, timm:NAME or a Hugging Face model directory (hf:DIR); see `vit-deploy models`.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="timm constructor argument, e.g. depth=2 (repeatable; VALUE read as JSON when it parses).")
 @click.option("--target", default="onnx", show_default=True,
               help="onnx, onnxruntime, openvino, tensorrt or all (comma-separated for several).")
 @click.option("--precision", default=None, help="fp32, fp16, int8 (comma-separated); default by target.")
 @click.option("--weights", default=None, help="Checkpoint file/dir (timm, transformers, Google .npz, vit-deploy) or hub name.")
-@click.option("--num-classes", type=int, default=None, help="Default: from the weights, else 1000.")
+@click.option("--num-classes", type=int, default=None,
+              help="0: the pooled embedding, no head. Default: the weights' head (none: embedding), else the model's.")
 @click.option("--img-size", type=int, default=None, help="Default: from the weights, else 224.")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--max-batch", type=int, default=32, show_default=True)
@@ -120,7 +126,7 @@ _overflow_fix_option = click.option(
 @click.option("--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON at the end.")
 @_handle_errors
-def export(model_name, target, precision, weights, num_classes, img_size, opset, max_batch, out, no_simplify,
+def export(model_name, model_args, target, precision, weights, num_classes, img_size, opset, max_batch, out, no_simplify,
            calib_dir, calib_size, calib_method, overflow_fix, device, opt_batch, workspace_mb, dla_core, no_check, force,
            quiet, as_json):
     """Checkpoint -> ONNX -> [INT8] -> engines -> parity check, into one bundle."""
@@ -130,12 +136,14 @@ def export(model_name, target, precision, weights, num_classes, img_size, opset,
                           num_classes=num_classes, img_size=img_size, opset=opset, max_batch=max_batch, out=out,
                           simplify=not no_simplify, calib_dir=calib_dir, calib_size=calib_size,
                           calib_method=calib_method, overflow_fix=overflow_fix, device=device, opt_batch=opt_batch,
-                          workspace_mb=workspace_mb, dla_core=dla_core, check=not no_check, force=force, quiet=quiet or as_json)
+                          workspace_mb=workspace_mb, dla_core=dla_core, check=not no_check, force=force, quiet=quiet or as_json,
+                          model_args=_key_values(model_args, "--model-arg"))
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
     elif not quiet:
         from .info import format_summary
-        click.echo(format_summary(manifest, out_dir=f"{out}/{model_name}"))
+        from .sources import bundle_name
+        click.echo(format_summary(manifest, out_dir=f"{out}/{bundle_name(model_name)}"))
     if manifest.get("parity") and not manifest["parity"]["passed"]:
         sys.exit(1)
 
@@ -172,6 +180,19 @@ def quantize(model_path, calib_dir, calib_size, method, exclude, attention, sche
         click.echo(format_report(result.report))
     click.echo(f"wrote {result.path}: {len(result.quantized)} matrix products in INT8, {len(result.excluded)} in float"
                + (f", top-1 agreement {result.agreement:.4f}" if result.agreement is not None else ""))
+
+
+def _key_values(pairs, name) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{name} takes KEY=VALUE, got '{pair}'")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def _triple(value, name):
@@ -329,20 +350,27 @@ def bench(bundle, backends, precisions, batches, threads, warmup, iters, duratio
 @click.argument("images", nargs=-1, required=True)
 @click.option("--backend", default=None, help="Artifact to use, e.g. openvino-int8 or onnxruntime.")
 @click.option("--top", type=int, default=5, show_default=True)
+@click.option("--out", "embeddings_out", default="embeddings.npy", show_default=True,
+              help="Embedding bundles: where the embeddings go (.npy, one row per image).")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True)
 @_signature_option
 @_handle_errors
-def predict(target, images, backend, top, threads, as_json):
-    """Top classes for IMAGES with a bundle (or one artifact inside it)."""
+def predict(target, images, backend, top, embeddings_out, threads, as_json):
+    """Top classes for IMAGES with a bundle (or one artifact inside it); an embedding bundle's
+    embeddings are written to --out."""
     _setup_logging(False)
     from .predict import predict as run_predict
-    results = run_predict(target, images, backend=backend, top=top, threads=threads)
+    results = run_predict(target, images, backend=backend, top=top, threads=threads, embeddings_out=embeddings_out)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
     for r in results:
         click.echo(f"{r['image']}  ({r['artifact']})")
+        if "embedding" in r:
+            e = r["embedding"]
+            click.echo(f"  embedding {e['shape']}, L2 norm {e['norm']:.4f} -> {e['file']} row {e['row']}")
+            continue
         for t in r["top"]:
             click.echo(f"  {t['probability']:7.2%}  {t['name']}  [{t['class']}]")
 

@@ -62,7 +62,7 @@ def test_fidelity_on_held_out_photos_ort_and_openvino(tiny, calib_dir, tmp_path)
     r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=32)
     held = [p for p in list_images(calib_dir) if p.name in set(r.held_out_images)]
     assert len(held) >= 16 and not set(r.held_out_images) & set(r.calibration_images)
-    x, _ = load_images(held, preprocessing_of(onnx.load(str(tiny))))
+    x, _ = load_images(held, preprocessing_of(onnx.load(str(tiny)))[0])
     ref = ort_session(tiny).run(None, {"images": x})[0]
     q_ort = ort_session(tmp_path / "q.onnx").run(None, {"images": x})[0]
     q_ov = ov.Core().compile_model(str(tmp_path / "q.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({0: x})[0]
@@ -174,7 +174,7 @@ def test_asymmetric_scheme_for_cpu_runtimes(tiny, calib_dir, tmp_path):
     from vit_deploy.images import load_images
     from vit_deploy.quantize import cosine, preprocessing_of
     held = [p for p in list_images(calib_dir) if p.name in set(r.held_out_images)]
-    x, _ = load_images(held, preprocessing_of(onnx.load(str(tiny))))
+    x, _ = load_images(held, preprocessing_of(onnx.load(str(tiny)))[0])
     ref = ort_session(tiny).run(None, {"images": x})[0]
     got = ort_session(tmp_path / "a.onnx").run(None, {"images": x})[0]
     assert cosine(ref, got).min() > 0.99
@@ -226,7 +226,7 @@ def test_overflow_fix_keeps_int16_pairs_from_saturating(tiny, calib_dir, tmp_pat
     assert tops[patch] == (127 if fix == "off" else 63)
     assert all(t == (63 if fix == "all" else 127) for k, t in tops.items() if k != patch)
     # The patch Conv on real photos: symmetric int8 activations shifted to uint8, as the CPU does.
-    x, _ = load_images(list_images(calib_dir)[:4], preprocessing_of(m))
+    x, _ = load_images(list_images(calib_dir)[:4], preprocessing_of(m)[0])
     scale = float(inits["images_scale"])
     s8 = np.clip(np.round(x / scale), -127, 127)
     p = 16

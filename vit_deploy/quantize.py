@@ -32,21 +32,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
+from . import calibration_stats as cs
 from . import onnx_io
 from .errors import CheckFailed, UserError
 from .images import list_images, load_images, split_for_calibration
-from .parity import cosine  # noqa: F401  (one definition, shared with the parity check)
-from .progress import progress
+from .metrics import cosine  # noqa: F401  (one definition, shared with the parity check)
 from .zoo import Preprocessing
 
 log = logging.getLogger("vit_deploy")
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = cs.METHODS
 SCHEMES = ("symmetric", "asymmetric")
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-PERCENTILE = 99.99
-BINS = 4096
+RECIPE = "mse-smoothquant-biascorr-v1"  # in the stage's cache key: a new recipe rebuilds old bundles
+SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength: max|x_j|^a / max|W_j|^(1-a)
 
 
 def resolve_overflow_fix(fix: str, runtimes=None) -> str:
@@ -65,6 +65,7 @@ class QTarget:
     activation: str      # the input tensor that gets Q/DQ
     weight: str | None   # the initializer that gets per-channel int8 (None: activation x activation)
     axis: int            # output-channel axis of the weight
+    input_index: int = 0  # which input of `node` reads `activation`
 
 
 @dataclass
@@ -79,6 +80,10 @@ class QuantResult:
     agreement: float | None = None
     cache_hit: bool = False
     seven_bit_weights: list[str] = field(default_factory=list)
+    preprocessing: dict = field(default_factory=dict)
+    preprocessing_source: str = ""
+    smoothed_layernorms: int = 0
+    bias_corrected: int = 0
 
 
 def _initializers(model) -> dict:
@@ -100,7 +105,7 @@ def find_targets(model, attention: bool = False) -> list[QTarget]:
             out.append(QTarget(n.name, "MatMul", n.input[0], n.input[1], 1))
         elif n.op_type == "MatMul" and attention and n.input[0] not in inits and n.input[1] not in inits:
             out.append(QTarget(n.name, "MatMul", n.input[0], None, 0))
-            out.append(QTarget(n.name + "#B", "MatMul", n.input[1], None, 0))
+            out.append(QTarget(n.name, "MatMul", n.input[1], None, 0, input_index=1))
     return out
 
 
@@ -120,107 +125,11 @@ def default_exclusions(model, targets: list[QTarget]) -> set[str]:
         if n.op_type in ("Gemm", "MatMul"):
             excluded.add(n.name)
             continue
-        if n.op_type in ("Add", "Reshape", "Flatten", "Squeeze", "Gather", "Identity", "Cast"):
+        # shape-only ops, and the averaging of two heads (DeiT distilled: (head + head_dist) / 2)
+        if n.op_type in ("Add", "Reshape", "Flatten", "Squeeze", "Gather", "Identity", "Cast", "Div", "Mul"):
             frontier.extend(i for i in n.input)
     names = {t.node for t in targets}
     return excluded & names
-
-
-# ------------------------------------------------------------- calibration
-
-def _add_outputs(m: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """Expose intermediate tensors as graph outputs (in place); returns `m`."""
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors if t not in have)
-    return m
-
-
-def _session(model: onnx.ModelProto, threads: int | None = None):
-    """An ONNX Runtime session on an in-memory model; one over protobuf's 2 GB
-    limit (vit-h14) goes through a temporary file with its weights beside it."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from .backends.onnxruntime_backend import session_options
-    so = session_options(threads)
-    if onnx_io.initializer_bytes(model) < onnx_io.EXTERNAL_THRESHOLD:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory(prefix="vit-deploy-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # saving with external data empties the tensors it writes out
-        onnx_io.save(copy, path, external=True)
-        del copy
-        # The session holds its own copy of the weights once built, so the files can go.
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def _batches(x: np.ndarray, size: int = 8):
-    for i in range(0, len(x), size):
-        yield x[i:i + size]
-
-
-def entropy_threshold(hist: np.ndarray, upper_edges: np.ndarray, levels: int = 128) -> float:
-    """TensorRT-style KL-divergence calibration on a histogram of |x|: the clipping
-    threshold whose 128-level quantization loses the least information."""
-    hist = hist.astype(np.float64)
-    n = len(hist)
-    nonzero = (hist > 0).astype(np.float64)
-    best, best_i = np.inf, n
-    for i in range(levels, n + 1, max(1, n // 256)):
-        p = hist[:i].copy()
-        p[i - 1] += hist[i:].sum()  # the clipped tail lands in the last bin
-        bounds = np.linspace(0, i, levels + 1).astype(int)
-        sums = np.add.reduceat(hist[:i], bounds[:-1])
-        counts = np.add.reduceat(nonzero[:i], bounds[:-1])
-        chunk = np.repeat(np.arange(levels), np.diff(bounds))
-        q = np.where(nonzero[:i] > 0, (sums / np.maximum(counts, 1))[chunk], 0.0)
-        if q.sum() == 0 or p.sum() == 0:
-            continue
-        p, q = p / p.sum(), q / q.sum()
-        mask = p > 0
-        if (q[mask] == 0).any():
-            continue  # infinite divergence
-        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
-        if kl < best:
-            best, best_i = kl, i
-    return float(upper_edges[best_i - 1])
-
-
-def collect_ranges(model_path: Path, tensors: list[str], images: np.ndarray, method: str) -> dict[str, list[float]]:
-    """Per tensor over the calibration images: [clipping threshold of |x|, min, max]."""
-    sess = _session(_add_outputs(onnx_io.load(model_path), tensors))
-    names = [o.name for o in sess.get_outputs()]
-    want = [names.index(t) for t in tensors]
-    inp = sess.get_inputs()[0].name
-    amax = {t: 0.0 for t in tensors}
-    lo, hi = {t: 0.0 for t in tensors}, {t: 0.0 for t in tensors}
-    hists = {t: np.zeros(BINS, np.int64) for t in tensors}
-    passes = 1 if method == "minmax" else 2
-    n_batches = (len(images) + 7) // 8
-    for p in range(passes):
-        for batch in progress(_batches(images), n_batches, f"calibrating ({method}, pass {p + 1}/{passes})"):
-            outs = sess.run(None, {inp: batch})
-            for t, j in zip(tensors, want):
-                a = np.abs(outs[j])
-                if p == 0:
-                    amax[t] = max(amax[t], float(a.max()))
-                    lo[t], hi[t] = min(lo[t], float(outs[j].min())), max(hi[t], float(outs[j].max()))
-                else:  # bincount on bin indices: ~10x faster than np.histogram
-                    idx = (a.ravel() * (BINS / (amax[t] or 1.0))).astype(np.int32)
-                    np.minimum(idx, BINS - 1, out=idx)
-                    hists[t] += np.bincount(idx, minlength=BINS)
-    out = dict(amax)
-    for t in tensors if method != "minmax" else ():
-        edges = np.linspace(0.0, amax[t] or 1.0, BINS + 1)
-        if method == "percentile":
-            cdf = np.cumsum(hists[t]) / max(1, hists[t].sum())
-            out[t] = float(edges[min(BINS, int(np.searchsorted(cdf, PERCENTILE / 100.0)) + 1)])
-        else:
-            out[t] = entropy_threshold(hists[t], edges[1:])
-        out[t] = out[t] or amax[t] or 1.0
-    return {t: [out[t] or 1.0, lo[t], hi[t]] for t in tensors}
 
 
 def _cache_dir() -> Path:
@@ -229,9 +138,153 @@ def _cache_dir() -> Path:
     return Path(base) / "calibration"
 
 
-def _calib_key(model_sha: str, image_shas: list[str], method: str, pre: Preprocessing, tensors: list[str]) -> str:
-    blob = json.dumps(["ranges-v2", model_sha, image_shas, method, pre.to_dict(), tensors, PERCENTILE, BINS])
+def _calib_key(model_sha: str, image_shas: list[str], method: str, pre: Preprocessing, tensors: list[str],
+               smooth: float | None) -> str:
+    blob = json.dumps(["stats-v3", model_sha, image_shas, method, pre.to_dict(), tensors, smooth,
+                       cs.PERCENTILE, cs.BINS])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _save_calibration(path: Path, stats: dict, thresholds: dict, factors: dict) -> None:
+    """npz, read back without pickle (allow_pickle=False)."""
+    from .atomic import atomic_path
+    names = list(stats)
+    arrays = {"names": np.array(names), "thresholds": np.array([thresholds[t] for t in names])}
+    for i, t in enumerate(names):
+        for k, v in stats[t].to_json().items():
+            arrays[f"{i}.{k}"] = np.asarray(v)
+    groups = list(factors)
+    arrays["groups"] = np.array(groups)
+    for i, g in enumerate(groups):
+        arrays[f"g{i}"] = factors[g]
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def _load_calibration(path: Path):
+    with np.load(path, allow_pickle=False) as z:
+        names = [str(n) for n in z["names"]]
+        stats = {t: cs.ChannelStats(*(z[f"{i}.{k}"] for k in ("amax", "lo", "hi", "mean"))) for i, t in enumerate(names)}
+        thresholds = dict(zip(names, (float(x) for x in z["thresholds"])))
+        factors = {str(g): z[f"g{i}"] for i, g in enumerate(z["groups"])}
+    return stats, thresholds, factors
+
+
+# ------------------------------------------------------------- outlier migration and bias correction
+
+def smooth_layernorms(model: onnx.ModelProto, stats: dict, quantized_weights: set[str], alpha: float):
+    """SmoothQuant folded into LayerNorm: where every reader of a LayerNorm output is a
+    quantized Linear, divide channel j by s_j = max|x_j|^a / max|W_j|^(1-a) (in gamma and
+    beta) and multiply the readers' weight rows by it. Exact in FP32, free at run time.
+    Returns the new model, the statistics of the smoothed tensors and {tensor: s}."""
+    from .layernorm_scaling import find_groups, reader_weight_absmax, scale_channels
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    stats = dict(stats)
+    factors = {}
+    for i, group in enumerate(find_groups(out)):
+        nodes = {n.name: n for n in out.graph.node}
+        if group.output not in stats or not all(nodes[r[0]].input[1] in quantized_weights for r in group.readers):
+            continue
+        x_max = stats[group.output].amax
+        w_max = reader_weight_absmax(out, group)
+        if x_max.shape != w_max.shape:
+            continue
+        s = np.where((x_max > 0) & (w_max > 0),
+                     np.power(np.maximum(x_max, 1e-12), alpha) / np.power(np.maximum(w_max, 1e-12), 1 - alpha), 1.0)
+        s = np.clip(s, 1e-4, 1e4)
+        scale_channels(out, group, 1.0 / s, f"smooth{i}")
+        stats[group.output] = stats[group.output].divided(s)
+        factors[group.output] = s
+        quantized_weights = quantized_weights | {n.input[1] for n in out.graph.node if n.name in {r[0] for r in group.readers}}
+    return out, stats, factors
+
+
+def apply_factors(model: onnx.ModelProto, stats: dict, factors: dict):
+    """Re-apply cached smoothing factors {tensor: s} (same math as smooth_layernorms)."""
+    from .layernorm_scaling import find_groups, scale_channels
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    stats = dict(stats)
+    for i, group in enumerate(find_groups(out)):
+        if group.output in factors:
+            s = np.asarray(factors[group.output], np.float64)
+            scale_channels(out, group, 1.0 / s, f"smooth{i}")
+            stats[group.output] = stats[group.output].divided(s)
+    return out, stats
+
+
+def quantize_weight(w: np.ndarray, axis: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 in [-top, top]: (int8 values, per-channel scale)."""
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    scale = np.maximum(np.abs(w).max(axis=red), 1e-12) / top
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -top, top).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def _bias_ref(model, node, consumers, inits):
+    """(node, input index) of a product's constant bias: Gemm/Conv input 2, or the Add after a MatMul."""
+    if node.op_type in ("Gemm", "Conv"):
+        return (node, 2) if len(node.input) > 2 and node.input[2] in inits else None
+    after = consumers.get(node.output[0], [])
+    if len(after) == 1 and after[0].op_type == "Add":
+        add = after[0]
+        other = 1 if add.input[0] == node.output[0] else 0
+        if add.input[other] in inits and len(inits[add.input[other]].dims) == 1:
+            return (add, other)
+    return None
+
+
+def correct_biases(model: onnx.ModelProto, targets: list[QTarget], stats: dict, levels: dict) -> int:
+    """Bias correction (in place): the weight rounding error shifts each output channel's
+    mean by E[x] . (W - W_q); add that back to the bias. Returns how many were corrected."""
+    inits = _initializers(model)
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    nodes = {n.name: n for n in model.graph.node}
+    done = 0
+    for t in targets:
+        if t.weight is None or t.activation not in stats:
+            continue
+        ref = _bias_ref(model, nodes[t.node], consumers, inits)
+        mean = stats[t.activation].mean
+        w = numpy_helper.to_array(inits[t.weight]).astype(np.float64)
+        q, scale = quantize_weight(w.astype(np.float32), t.axis, levels.get(t.weight, 127))
+        shape = [1] * w.ndim
+        shape[t.axis] = -1
+        dw = w - q.astype(np.float64) * scale.reshape(shape)
+        if ref is None:
+            continue
+        if t.op_type == "Conv":
+            if mean.shape[0] != dw.shape[1]:
+                continue
+            shift = dw.sum(axis=(2, 3)) @ mean
+        elif t.axis == 0:  # Gemm transB: [out, in]
+            if mean.shape[0] != dw.shape[1]:
+                continue
+            shift = dw @ mean
+        else:              # [in, out]
+            if mean.shape[0] != dw.shape[0]:
+                continue
+            shift = mean @ dw
+        node, idx = ref
+        bias = numpy_helper.to_array(inits[node.input[idx]]).astype(np.float64)
+        if bias.shape != shift.shape:
+            continue
+        name = f"{node.input[idx]}_bias_corrected"
+        model.graph.initializer.append(numpy_helper.from_array((bias + shift).astype(np.float32), name))
+        node.input[idx] = name
+        done += 1
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return done
 
 
 # ------------------------------------------------------------- graph rewrite
@@ -301,31 +354,24 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
     weight_dq: dict[str, str] = {}
     rewire: dict[tuple[str, int], str] = {}
     for t in targets:
-        node_name = t.node.split("#")[0]
         if t.activation not in act_dq:
             scale, zp = activation_qparams(*ranges[t.activation], scheme)
             act_dq[t.activation] = _qdq_pair(new_nodes, new_inits, t.activation, scale, None, _safe(t.activation), zp)
-        idx = 1 if t.node.endswith("#B") else 0
-        rewire[(node_name, idx)] = act_dq[t.activation]
+        rewire[(t.node, t.input_index)] = act_dq[t.activation]
         if t.weight is not None:
             if t.weight not in weight_dq:
                 w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
-                red = tuple(i for i in range(w.ndim) if i != t.axis)
-                top = (levels or {}).get(t.weight, 127)
-                scale = np.maximum(np.abs(w).max(axis=red), 1e-12) / top
-                shape = [1] * w.ndim
-                shape[t.axis] = -1
-                q = np.clip(np.round(w / scale.reshape(shape)), -top, top).astype(np.int8)
+                q, scale = quantize_weight(w, t.axis, (levels or {}).get(t.weight, 127))
                 tag = _safe(t.weight)
                 qname, s_name, z_name = f"{tag}_int8", f"{tag}_scale", f"{tag}_zero_point"
                 new_inits += [numpy_helper.from_array(q, qname),
-                              numpy_helper.from_array(scale.astype(np.float32), s_name),
+                              numpy_helper.from_array(scale, s_name),
                               numpy_helper.from_array(np.zeros(scale.shape, np.int8), z_name)]
                 dq = f"{tag}_dequantized"
                 new_nodes.append(helper.make_node("DequantizeLinear", [qname, s_name, z_name], [dq],
                                                   name=f"{tag}_DequantizeLinear", axis=t.axis))
                 weight_dq[t.weight] = dq
-            rewire[(node_name, 1)] = weight_dq[t.weight]
+            rewire[(t.node, 1)] = weight_dq[t.weight]
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -378,12 +424,12 @@ def _run(model: onnx.ModelProto, images: np.ndarray, outputs: list[str] | None =
     if outputs:
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        _add_outputs(m, outputs)
-    sess = _session(m)
+        cs.add_outputs(m, outputs)
+    sess = cs.session(m)
     inp = sess.get_inputs()[0].name
     names = [o.name for o in sess.get_outputs()]
     collected = [[] for _ in names]
-    for batch in _batches(images):
+    for batch in cs.batches(images):
         for j, o in enumerate(sess.run(None, {inp: batch})):
             collected[j].append(o)
     return [np.concatenate(c) for c in collected]
@@ -399,12 +445,12 @@ def layer_report(fp32: onnx.ModelProto, int8: onnx.ModelProto, targets: list[QTa
                  images: np.ndarray) -> list[dict]:
     """Each matrix product: quantized or not, and its output error against FP32."""
     nodes = {n.name: n for n in fp32.graph.node}
-    outs = list(dict.fromkeys(nodes[t.node.split("#")[0]].output[0] for t in targets))
+    outs = list(dict.fromkeys(nodes[t.node].output[0] for t in targets))
     ref = dict(zip([o.name for o in fp32.graph.output] + outs, _run(fp32, images, outs)))
     got = dict(zip([o.name for o in int8.graph.output] + outs, _run(int8, images, outs)))
     rows = []
-    for t in dict((t.node.split("#")[0], t) for t in targets).values():
-        name = t.node.split("#")[0]
+    for t in dict((t.node, t) for t in targets).values():
+        name = t.node
         o = nodes[name].output[0]
         a, b = ref[o], got[o]
         rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
@@ -423,27 +469,50 @@ def format_report(rows: list[dict]) -> str:
 
 # ------------------------------------------------------------- the stage
 
-def preprocessing_of(model: onnx.ModelProto, img_size=None, mean=None, std=None) -> Preprocessing:
-    """From vit-deploy's metadata when present, else from the options (for foreign ONNX files)."""
-    meta = onnx_io.get_metadata(model).get("preprocessing")
+def preprocessing_of(model: onnx.ModelProto, model_path=None, img_size=None, mean=None, std=None,
+                     preset=None) -> tuple[Preprocessing, str]:
+    """The model's preprocessing and where it came from (see vit_deploy/preprocessing.py)."""
+    from .preprocessing import resolve
     dims = model.graph.input[0].type.tensor_type.shape.dim
     if len(dims) != 4 or dims[1].dim_value not in (0, 3):
         raise UserError(f"the model's input is not a 4-D image tensor [batch, 3, H, W] "
                         f"(got {len(dims)} dimensions)")
-    if meta and img_size is None and mean is None and std is None:
-        return Preprocessing.from_dict(meta)
-    size = img_size or dims[2].dim_value
-    if not size:
-        raise UserError("the model's input has no fixed image size: pass --img-size")
-    return Preprocessing(img_size=int(size), crop_pct=0.9 if meta is None else meta["crop_pct"],
-                         mean=tuple(mean or (meta or {}).get("mean") or (0.5, 0.5, 0.5)),
-                         std=tuple(std or (meta or {}).get("std") or (0.5, 0.5, 0.5)))
+    meta = onnx_io.get_metadata(model).get("preprocessing")
+    return resolve(Path(model_path or "model.onnx"), meta, dims[2].dim_value or None, img_size, mean, std, preset)
 
 
-def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclude=(), calib_size: int = 32,
-             max_drop: float | None = None, img_size=None, mean=None, std=None, attention: bool = False,
-             report: bool = False, recalibrate: bool = False, scheme: str = "symmetric",
-             overflow_fix: str = "auto") -> QuantResult:
+def calibrate(model, targets, excluded, calib, method: str, smooth: float | None, cache_key: str | None,
+              recalibrate: bool = False):
+    """Statistics, outlier migration and clipping thresholds for the quantized tensors.
+    Returns (smoothed model, statistics, {tensor: threshold}, {tensor: s}, cache hit)."""
+    tensors = list(dict.fromkeys(t.activation for t in targets))
+    cache = _cache_dir() / f"{cache_key}.npz" if cache_key else None
+    if cache and cache.is_file() and not recalibrate:
+        try:
+            stats0, thresholds, factors = _load_calibration(cache)
+            smoothed, stats = apply_factors(model, stats0, factors)
+            log.info("calibration: reusing cached statistics (%s)", cache.name)
+            return smoothed, stats, thresholds, factors, True
+        except (OSError, ValueError, KeyError):
+            log.warning("calibration cache %s is unreadable; recalibrating", cache.name)
+    stats0 = cs.collect_channel_stats(model, tensors, calib)
+    smoothed, stats, factors = model, stats0, {}
+    if smooth:
+        quantized = {t.weight for t in targets if t.weight and t.node not in excluded}
+        smoothed, stats, factors = smooth_layernorms(model, stats0, quantized, smooth)
+    amax = {t: float(stats[t].amax.max()) for t in tensors}
+    hists = cs.collect_histograms(smoothed, tensors, calib, amax) if method != "minmax" else {}
+    thresholds = {t: cs.threshold(method, hists.get(t), amax[t]) for t in tensors}
+    if cache:
+        _save_calibration(cache, stats0, thresholds, factors)
+    return smoothed, stats, thresholds, factors, False
+
+
+def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), calib_size: int = 32,
+             max_drop: float | None = None, img_size=None, mean=None, std=None, preset: str | None = None,
+             attention: bool = False, report: bool = False, recalibrate: bool = False, scheme: str = "symmetric",
+             overflow_fix: str = "auto", smooth: float | None = SMOOTH_ALPHA,
+             bias_correction: bool = True) -> QuantResult:
     """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring)."""
     from .weights import sha256_file
 
@@ -456,56 +525,67 @@ def quantize(model_path, calib_dir, out=None, method: str = "percentile", exclud
         raise UserError(f"unknown calibration method '{method}': choose from {', '.join(METHODS)}")
     if calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {calib_size}")
+    if smooth is not None and not 0 < smooth < 1:
+        raise UserError(f"--smooth must be between 0 and 1 (exclusive), got {smooth}")
     overflow_fix = resolve_overflow_fix(overflow_fix)  # the manifest records what was done, never "auto"
     try:
         model = onnx_io.load(model_path)
     except Exception as e:
         raise UserError(f"{model_path}: not a readable ONNX model ({type(e).__name__})") from None
-    pre = preprocessing_of(model, img_size, mean, std)
+    pre, pre_source = preprocessing_of(model, model_path, img_size, mean, std, preset)
+    targets = find_targets(model, attention)
+    if not any(t.weight is not None for t in targets):
+        raise UserError(f"{model_path.name}: no matrix product with a constant weight to quantize")
     out = Path(out) if out else model_path.with_name(model_path.stem + ".int8.onnx")
     paths = list_images(calib_dir)
+    if len(paths) < calib_size:
+        log.warning("calibration: asked for %d images, %s holds %d; calibrating on %d", calib_size, calib_dir,
+                    len(paths), len(paths))
     calib_paths, held_paths = split_for_calibration(paths, min(calib_size, len(paths)))
     calib, calib_paths = load_images(calib_paths, pre)
-    targets = find_targets(model, attention)
-    if not targets:
-        raise UserError(f"{model_path.name}: no matrix product with a constant weight to quantize")
     excluded = default_exclusions(model, targets)
     for pattern in exclude:
-        excluded |= {t.node.split("#")[0] for t in targets if fnmatch.fnmatch(t.node.split("#")[0], pattern)}
-    levels = weight_levels(model, targets, overflow_fix)
+        excluded |= {t.node for t in targets if fnmatch.fnmatch(t.node, pattern)}
     tensors = list(dict.fromkeys(t.activation for t in targets))
     model_sha = "+".join(sha256_file(model_path.with_name(f)) for f in onnx_io.files_of(model_path))  # with its weights
-    key = _calib_key(model_sha, [sha256_file(p) for p in calib_paths], method, pre, tensors)
-    cache = _cache_dir() / f"{key}.json"
-    hit = cache.is_file() and not recalibrate
-    if hit:
-        ranges = json.loads(cache.read_text())
-        log.info("calibration: reusing cached ranges (%s)", cache.name)
-    else:
-        ranges = collect_ranges(model_path, tensors, calib, method)
-        from .atomic import write_json
-        write_json(cache, ranges)
+    key = _calib_key(model_sha, [sha256_file(p) for p in calib_paths], method, pre, tensors + sorted(excluded), smooth)
+    smoothed, stats, thresholds, factors, hit = calibrate(model, targets, excluded, calib, method, smooth, key,
+                                                           recalibrate)
+    ranges = {t: [thresholds[t], float(stats[t].lo.min()), float(stats[t].hi.max())] for t in thresholds}
+    s_targets = find_targets(smoothed, attention)  # smoothing gave the rescaled weights new names
+    levels = weight_levels(smoothed, s_targets, overflow_fix)
+    corrected = [0]
 
     def build(excl: set[str]) -> onnx.ModelProto:
-        return insert_qdq(model, [t for t in targets if t.node.split("#")[0] not in excl], ranges, scheme, levels)
+        base = smoothed
+        if bias_correction:
+            base = onnx.ModelProto()
+            base.CopyFrom(smoothed)
+            corrected[0] = correct_biases(base, [t for t in s_targets if t.node not in excl], stats, levels)
+        # bias correction renames the biases it changes, not the weights: targets still hold
+        return insert_qdq(base, [t for t in s_targets if t.node not in excl], ranges, scheme, levels)
 
     qmodel = build(excluded)
     result = QuantResult(out, [], sorted(excluded), method, [p.name for p in calib_paths], [p.name for p in held_paths],
-                         cache_hit=hit)
+                         cache_hit=hit, preprocessing=pre.to_dict(), preprocessing_source=pre_source,
+                         smoothed_layernorms=len(factors))
     if report or max_drop is not None:
         result.report = layer_report(model, qmodel, targets, excluded, calib)
     if max_drop is not None:
         qmodel, excluded = _fallback(model, qmodel, build, excluded, result.report, held_paths or calib_paths,
                                      pre, max_drop, result)
-    result.quantized = sorted({t.node.split("#")[0] for t in targets} - excluded)
+    result.bias_corrected = corrected[0]
+    result.quantized = sorted({t.node for t in targets} - excluded)
     result.excluded = sorted(excluded)
     meta = onnx_io.get_metadata(qmodel)
-    result.seven_bit_weights = sorted({t.weight for t in targets if t.weight in levels
-                                       and t.node.split("#")[0] in result.quantized})
+    result.seven_bit_weights = sorted({t.weight for t in s_targets if t.weight in levels
+                                       and t.node in result.quantized})
     meta.update({"quantization": {"method": method, "scheme": f"activations {scheme}, weights int8 symmetric per channel",
                                   "overflow_fix": overflow_fix, "seven_bit_weights": result.seven_bit_weights,
+                                  "smoothquant_alpha": smooth, "smoothed_layernorms": len(factors),
+                                  "bias_corrected": result.bias_corrected,
                                   "quantized": len(result.quantized), "excluded": result.excluded},
-                 "preprocessing": pre.to_dict()})
+                 "preprocessing": pre.to_dict(), "preprocessing_source": pre_source})
     onnx_io.set_metadata(qmodel, meta)
     onnx_io.save_atomic(qmodel, out)
     if result.agreement is not None and result.agreement < 1 - max_drop:
@@ -545,7 +625,7 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
     images = list_images(calib_dir)
     key = cache_key(src=src["sha256"], images=[(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in images],
                     calib_size=calib_size, method=method, exclude=list(exclude), max_drop=max_drop,
-                    overflow_fix=overflow_fix,
+                    overflow_fix=overflow_fix, recipe=RECIPE,
                     versions=tool_versions("onnx", "onnxruntime"))
     old = bundle.reusable("onnx", "int8", key, force)
     if old:
@@ -561,5 +641,7 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
                               "held_out_images": result.held_out_images,
                               "quantized_nodes": len(result.quantized), "excluded_nodes": result.excluded,
                               "agreement": result.agreement, "overflow_fix": overflow_fix,
-                              "seven_bit_weights": result.seven_bit_weights}}
+                              "seven_bit_weights": result.seven_bit_weights,
+                              "smoothquant_alpha": SMOOTH_ALPHA, "smoothed_layernorms": result.smoothed_layernorms,
+                              "bias_corrected": result.bias_corrected}}
     return tx.add_artifact(entry, onnx_io.files_of(out))

@@ -37,6 +37,8 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
 
     EXTENDED (not ALL): ALL adds layout transforms tied to this CPU's
     instruction set, which ORT documents as unsafe to save for other machines."""
+    import tempfile
+
     import onnxruntime as ort
     so = session_options(options.get("threads"))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -45,9 +47,20 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
     if large:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    extras = {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "runtime_version": ort.__version__}
+    with tempfile.TemporaryDirectory(prefix="vit-deploy-ort-") as tmp:
+        src = onnx_path
+        if precision == "int8":  # the portable Q/DQ file in the form ORT's INT8 kernels take (see ort_int8)
+            from .. import onnx_io
+            from .ort_int8 import for_onnxruntime
+            model = onnx_io.load(onnx_path)
+            extras["int8_rewrite"] = for_onnxruntime(model)
+            src = Path(tmp) / onnx_path.name
+            onnx_io.save(model, src, external=large)
+            del model
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     files = [out.name] + ([out.name + ".data"] if large else [])
-    return files, {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "runtime_version": ort.__version__}
+    return files, extras
 
 
 class OrtRunner(Runner):

@@ -1,0 +1,218 @@
+"""vit-deploy's INT8 against the quantizers its users would pick instead, side by side.
+
+For each ViT graph as users bring it (tests/foreign_graphs.py: vit-deploy's own export,
+timm exports, Hugging Face exports at opset 14 and 17), with the outlier stand-in
+applied (vit_deploy/layernorm_scaling.inject_outliers: a few LayerNorm channels 20-100x,
+as trained ViTs carry them; FP32 outputs unchanged), one round-robin timing run of:
+FP32 on ONNX Runtime and OpenVINO; vit-deploy's INT8 (the portable Q/DQ file on
+OpenVINO, its ONNX Runtime form on ONNX Runtime); NNCF's OpenVINO API; NNCF's ONNX
+backend on both runtimes; ONNX Runtime's dynamic quantization. Fidelity against FP32
+on the held-out shipped photos: min cosine and mean correlation of the outputs.
+
+    python benchmarks/int8_peers.py                       # every graph, batch 1 and 8
+    python benchmarks/int8_peers.py --graphs hf-vit-op14 --batches 1 --iters 20
+    python benchmarks/int8_peers.py --graphs vit-b16 --no-outliers   # the 3.0x line
+
+Needs `pip install nncf timm transformers`. Writes benchmarks/out/int8_peers.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+        flags = next(ln for ln in out.splitlines() if ln.startswith("Flags"))
+        isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2 (no VNNI)"
+        return f"{name}, {isa}, {platform.machine()}"
+    except Exception:
+        return platform.processor() or platform.machine()
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
+    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+
+
+def ort_runner(path: Path, threads: int):
+    from vit_deploy.backends.onnxruntime_backend import OrtRunner
+    r = OrtRunner(path, 64, 0, threads)
+    return lambda x: r.session.run(None, {r.input: x})[0]
+
+
+def ov_runner(path: Path, threads: int):
+    import openvino as ov
+    c = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                                   "INFERENCE_PRECISION_HINT": "f32"})
+    req = c.create_infer_request()
+    return lambda x: np.array(req.infer({0: x})[c.outputs[0]], copy=True)
+
+
+def ort_compiled(src: Path, out: Path, precision: str) -> Path:
+    """vit-deploy's ONNX Runtime artifact (for int8: the uint8-activation form, see backends/ort_int8.py)."""
+    from vit_deploy.backends.onnxruntime_backend import compile as ort_compile
+    ort_compile(src, out, precision, {})
+    return out
+
+
+def nncf_models(fp32: Path, calib: np.ndarray, work: Path) -> dict[str, Path]:
+    import nncf
+    import onnx
+    import openvino as ov
+    nncf.set_log_level(logging.ERROR)
+    m = onnx.load(str(fp32))
+    name = m.graph.input[0].name
+    ds = nncf.Dataset(list(calib), lambda a: {name: a[None]})
+    q = nncf.quantize(m, ds, model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.PERFORMANCE,
+                      subset_size=len(calib))
+    onnx_path = work / "nncf_onnx.onnx"
+    onnx.save(q, str(onnx_path))
+    ov_model = ov.convert_model(str(fp32))
+    ds_ov = nncf.Dataset(list(calib), lambda a: a[None])
+    q_ov = nncf.quantize(ov_model, ds_ov, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+    ov_path = work / "nncf_ov.xml"
+    ov.save_model(q_ov, str(ov_path))
+    return {"onnx": onnx_path, "ov": ov_path}
+
+
+def ort_dynamic(fp32: Path, work: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    out = work / "ort_dynamic.onnx"
+    quantize_dynamic(str(fp32), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    return out
+
+
+def run_graph(kind: str, work: Path, args) -> list[dict]:
+    import onnx
+
+    from foreign_graphs import make_graph
+    from vit_deploy.images import default_calibration_dir, list_images, load_images, split_for_calibration
+    from vit_deploy.layernorm_scaling import inject_outliers
+    from vit_deploy.quantize import preprocessing_of, quantize
+
+    if kind == "vit-b16":
+        from vit_deploy.models import build_model
+        from vit_deploy.onnx_export import export_onnx, simplify_onnx
+        work.mkdir(parents=True, exist_ok=True)
+        src = work / "vit-b16.onnx"
+        export_onnx(build_model("vit-b16").eval(), src, 17, {"preprocessing": build_model("vit-ti16").preprocessing.to_dict()})
+        simplify_onnx(src)
+    else:
+        src = make_graph(kind, work, small=args.small)
+    fp32 = src
+    if not args.no_outliers:
+        fp32 = work / f"{kind}.outliers.onnx"
+        onnx.save(inject_outliers(onnx.load(str(src))), str(fp32))
+    calib_dir = default_calibration_dir()
+    calib_paths, held = split_for_calibration(list_images(calib_dir), 32)
+    pre, _ = preprocessing_of(onnx.load(str(src)), src)
+    calib, _ = load_images(calib_paths, pre)
+    photos, _ = load_images(held, pre)
+
+    t = time.perf_counter()
+    vd = work / "vit_deploy.int8.onnx"
+    quantize(fp32, calib_dir, vd, calib_size=32, attention=args.attention, img_size=pre.img_size,
+             mean=pre.mean, std=pre.std)
+    seconds = {"vit-deploy": time.perf_counter() - t}
+    t = time.perf_counter()
+    peers = nncf_models(fp32, calib, work)
+    seconds["nncf"] = time.perf_counter() - t
+    dyn = ort_dynamic(fp32, work)
+    th = args.threads
+    runners = {
+        "ORT FP32": ort_runner(ort_compiled(fp32, work / "fp32.ort.onnx", "fp32"), th),
+        "OpenVINO FP32": ov_runner(fp32, th),
+        "vit-deploy INT8, ORT": ort_runner(ort_compiled(vd, work / "vd.int8.ort.onnx", "int8"), th),
+        "vit-deploy INT8, OpenVINO": ov_runner(vd, th),
+        "NNCF OpenVINO API, OpenVINO": ov_runner(peers["ov"], th),
+        "NNCF ONNX, OpenVINO": ov_runner(peers["onnx"], th),
+        "NNCF ONNX, ORT": ort_runner(peers["onnx"], th),
+        "ORT quantize_dynamic, ORT": ort_runner(dyn, th),
+    }
+    ref = np.concatenate([runners["ORT FP32"](photos[i:i + 1]) for i in range(len(photos))])
+    quality = {}
+    for name, run in runners.items():
+        got = np.concatenate([run(photos[i:i + 1]) for i in range(len(photos))])
+        c, r = cosines(ref, got), correlation(ref, got)
+        quality[name] = (float(c.min()), float(r.mean()), float(r.min()))
+    rows = []
+    for batch in args.batches:
+        x = np.ascontiguousarray(np.resize(photos, (batch, *photos.shape[1:])))
+        for run in runners.values():
+            for _ in range(3):
+                run(x)
+        times = {k: [] for k in runners}
+        for _ in range(args.iters):
+            for k, run in runners.items():  # round-robin: drift on a shared machine hits all alike
+                t0 = time.perf_counter()
+                run(x)
+                times[k].append((time.perf_counter() - t0) * 1000)
+        p50 = {k: float(np.median(v)) for k, v in times.items()}
+        for k in runners:
+            rows.append({"graph": kind, "batch": batch, "artifact": k, "p50_ms": p50[k],
+                         "x_ort_fp32": p50["ORT FP32"] / p50[k], "min_cos": quality[k][0],
+                         "corr_mean": quality[k][1], "corr_worst": quality[k][2]})
+    print(f"[{kind}] quantize seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| graph | batch | artifact | p50 ms | x ORT FP32 | min cosine | correlation mean / worst |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['graph']} | {r['batch']} | {r['artifact']} | {r['p50_ms']:.1f} | {r['x_ort_fp32']:.2f} | "
+                     f"{r['min_cos']:.5f} | {r['corr_mean']:.5f} / {r['corr_worst']:.5f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from foreign_graphs import GRAPHS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--graphs", default=",".join(GRAPHS), help="comma-separated: " + ", ".join(GRAPHS) + ", vit-b16")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="2-layer 64-px graphs (a quick run, not the table)")
+    ap.add_argument("--no-outliers", action="store_true", help="the graphs as exported (random weights)")
+    ap.add_argument("--attention", action="store_true", help="vit-deploy also quantizes the attention MatMuls")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "int8_peers.md")
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    logging.getLogger("vit_deploy").setLevel(logging.WARNING)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="int8-peers-") as tmp:
+        for kind in args.graphs.split(","):
+            rows += run_graph(kind, Path(tmp) / kind, args)
+            print(table([r for r in rows if r["graph"] == kind]), flush=True)
+    head = (f"{datetime.date.today()}, {cpu_name()}, {args.threads} threads, outliers "
+            f"{'off' if args.no_outliers else 'on'}, attention {'on' if args.attention else 'off'}")
+    text = head + "\n\n" + table(rows) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Statistics of the float model's activations over the calibration images, and the
+clipping threshold each quantized tensor gets from them.
+
+Two passes over the images: per-channel statistics first (|x| max, min, max, mean:
+what outlier migration, bias correction and the histogram range need), then a
+histogram of |x| per tensor for the threshold. Channels are the last axis of a
+token tensor ([batch, tokens, channels]) and axis 1 of an image tensor.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from . import onnx_io
+from .errors import UserError
+from .progress import progress
+
+METHODS = ("mse", "minmax", "entropy", "percentile")
+PERCENTILE = 99.99
+BINS = 4096
+LEVELS = 127  # symmetric int8: the threshold maps to 127
+
+
+@dataclass
+class ChannelStats:
+    """One tensor over the calibration images, per channel."""
+    amax: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    mean: np.ndarray
+
+    def divided(self, s: np.ndarray) -> "ChannelStats":
+        """The statistics of x / s (s > 0 per channel): exact, no new pass needed."""
+        return ChannelStats(self.amax / s, self.lo / s, self.hi / s, self.mean / s)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k).tolist() for k in ("amax", "lo", "hi", "mean")}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ChannelStats":
+        return cls(*(np.asarray(d[k], np.float64) for k in ("amax", "lo", "hi", "mean")))
+
+
+def add_outputs(m: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """Expose intermediate tensors as graph outputs (in place); returns `m`."""
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors if t not in have)
+    return m
+
+
+def session(model: onnx.ModelProto, threads: int | None = None):
+    """An ONNX Runtime session on an in-memory model; one over protobuf's 2 GB
+    limit (vit-h14) goes through a temporary file with its weights beside it."""
+    import onnxruntime as ort
+
+    from .backends.onnxruntime_backend import session_options
+    so = session_options(threads)
+    if onnx_io.initializer_bytes(model) < onnx_io.EXTERNAL_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="vit-deploy-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving with external data empties the tensors it writes out
+        onnx_io.save(copy, path, external=True)
+        del copy
+        # The session holds its own copy of the weights once built, so the files can go.
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def batches(x: np.ndarray, size: int = 8):
+    for i in range(0, len(x), size):
+        yield x[i:i + size]
+
+
+def _outputs_over(model: onnx.ModelProto, tensors: list[str], images: np.ndarray, label: str):
+    """Yield {tensor: value} per batch of images."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    sess = session(add_outputs(m, tensors))
+    del m
+    names = [o.name for o in sess.get_outputs()]
+    want = [names.index(t) for t in tensors]
+    inp = sess.get_inputs()[0].name
+    for batch in progress(batches(images), (len(images) + 7) // 8, label):
+        outs = sess.run(None, {inp: batch})
+        yield {t: outs[j] for t, j in zip(tensors, want)}
+
+
+def _channels_last(x: np.ndarray) -> np.ndarray:
+    """[..., C] rows of channel values (image tensors [N, C, H, W] -> [N*H*W, C])."""
+    if x.ndim == 4:
+        x = np.moveaxis(x, 1, -1)
+    return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(-1, 1)
+
+
+def collect_channel_stats(model: onnx.ModelProto, tensors: list[str], images: np.ndarray) -> dict[str, ChannelStats]:
+    """Pass 1. A NaN or Inf anywhere is the user's model or images: stop, naming the tensor."""
+    acc: dict[str, list] = {}
+    count = 0
+    for outs in _outputs_over(model, tensors, images, "calibrating (pass 1/2: channel statistics)"):
+        for t, x in outs.items():
+            rows = _channels_last(x.astype(np.float64))
+            if not np.isfinite(rows).all():
+                raise UserError(f"calibration: tensor '{t}' holds NaN or Inf values on the calibration images")
+            a = [np.abs(rows).max(0), rows.min(0), rows.max(0), rows.sum(0), len(rows)]
+            if t not in acc:
+                acc[t] = a
+            else:
+                old = acc[t]
+                acc[t] = [np.maximum(old[0], a[0]), np.minimum(old[1], a[1]), np.maximum(old[2], a[2]),
+                          old[3] + a[3], old[4] + a[4]]
+        count += 1
+    return {t: ChannelStats(a[0], a[1], a[2], a[3] / max(a[4], 1)) for t, a in acc.items()}
+
+
+def collect_histograms(model: onnx.ModelProto, tensors: list[str], images: np.ndarray,
+                       amax: dict[str, float]) -> dict[str, np.ndarray]:
+    """Pass 2: a histogram of |x| over [0, amax] per tensor."""
+    hists = {t: np.zeros(BINS, np.int64) for t in tensors}
+    for outs in _outputs_over(model, tensors, images, "calibrating (pass 2/2: histograms)"):
+        for t, x in outs.items():
+            idx = (np.abs(x).ravel() * (BINS / (amax[t] or 1.0))).astype(np.int32)  # bincount: ~10x np.histogram
+            np.minimum(idx, BINS - 1, out=idx)
+            hists[t] += np.bincount(idx, minlength=BINS)
+    return hists
+
+
+def mse_threshold(hist: np.ndarray, amax: float, levels: int = LEVELS) -> float:
+    """The clipping threshold T that minimizes the expected squared quantization error:
+    rounding noise (T/levels)^2/12 for every value inside, (|x| - T)^2 for every value
+    clipped. Outlier channels that carry many values keep T high; rare spikes do not."""
+    h = hist.astype(np.float64)
+    width = amax / len(h)
+    centers = (np.arange(len(h)) + 0.5) * width
+    thresholds = (np.arange(len(h)) + 1) * width
+    inside = np.cumsum(h)                       # values in bins 0..k: rounded
+    tail_n = h.sum() - inside                   # values in bins k+1..: clipped to T
+    tail_s1 = (h * centers).sum() - np.cumsum(h * centers)
+    tail_s2 = (h * centers ** 2).sum() - np.cumsum(h * centers ** 2)
+    clip_err = tail_s2 - 2 * thresholds * tail_s1 + thresholds ** 2 * tail_n
+    round_err = inside * (thresholds / levels) ** 2 / 12.0
+    err = clip_err + round_err
+    first = max(1, len(h) // 100)  # below 1% of the max is never the answer
+    k = first + int(np.argmin(err[first:]))
+    return float(thresholds[k])
+
+
+def entropy_threshold(hist: np.ndarray, upper_edges: np.ndarray, levels: int = 128) -> float:
+    """TensorRT-style KL-divergence calibration on a histogram of |x|: the clipping
+    threshold whose 128-level quantization loses the least information."""
+    hist = hist.astype(np.float64)
+    n = len(hist)
+    nonzero = (hist > 0).astype(np.float64)
+    best, best_i = np.inf, n
+    for i in range(levels, n + 1, max(1, n // 256)):
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()  # the clipped tail lands in the last bin
+        bounds = np.linspace(0, i, levels + 1).astype(int)
+        sums = np.add.reduceat(hist[:i], bounds[:-1])
+        counts = np.add.reduceat(nonzero[:i], bounds[:-1])
+        chunk = np.repeat(np.arange(levels), np.diff(bounds))
+        q = np.where(nonzero[:i] > 0, (sums / np.maximum(counts, 1))[chunk], 0.0)
+        if q.sum() == 0 or p.sum() == 0:
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        if (q[mask] == 0).any():
+            continue  # infinite divergence
+        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+        if kl < best:
+            best, best_i = kl, i
+    return float(upper_edges[best_i - 1])
+
+
+def threshold(method: str, hist: np.ndarray | None, amax: float) -> float:
+    """The clipping threshold of |x| for one tensor."""
+    if method == "minmax" or hist is None or amax <= 0:
+        return amax or 1.0
+    edges = np.linspace(0.0, amax, BINS + 1)
+    if method == "percentile":
+        cdf = np.cumsum(hist) / max(1, hist.sum())
+        t = float(edges[min(BINS, int(np.searchsorted(cdf, PERCENTILE / 100.0)) + 1)])
+    elif method == "entropy":
+        t = entropy_threshold(hist, edges[1:])
+    else:
+        t = mse_threshold(hist, amax)
+    return t or amax or 1.0

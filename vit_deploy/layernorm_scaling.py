@@ -1,0 +1,173 @@
+"""Per-channel rescaling between a LayerNorm and the Linear layers that read it.
+
+LayerNorm ends in y_j = n_j * gamma_j + beta_j, and every Linear that reads y sums
+y_j * W[j, :]. Multiplying gamma_j and beta_j by f_j and dividing row j of each
+reading weight by f_j leaves the Linear outputs unchanged (in exact arithmetic).
+Two uses, one operation:
+- outlier migration (SmoothQuant, f_j = 1 / s_j): shrinks the few huge channels that
+  trained ViTs carry after LayerNorm, so the per-tensor activation scale fits the rest;
+  the weights take the range instead, where it is per output channel;
+- the outlier stand-in for tests (f_j = 20..100 on a few channels): random weights
+  then carry the inter-channel spread of trained ViTs.
+The LayerNorm may be one LayerNormalization op (opset >= 17) or the decomposed form
+older exporters write (..., Mul by gamma, Add beta).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+@dataclass
+class LayerNormGroup:
+    output: str                       # the LayerNorm's output tensor
+    gamma: tuple[str, int]            # (node name, input index) of the scale
+    beta: tuple[str, int] | None      # (node name, input index) of the bias
+    readers: list[tuple[str, int]]    # (node name, input index) of each reading weight [in, out]
+
+
+def _constant(model, name: str, inits: dict, producers: dict) -> np.ndarray | None:
+    """An initializer's value, following Identity nodes (torch dedupes equal tensors that way)."""
+    while name not in inits and name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def find_groups(model: onnx.ModelProto) -> list[LayerNormGroup]:
+    """LayerNorms whose every reader is a MatMul/Gemm with a constant 2-D weight on its
+    input channels: only there is the rescaling exact and free."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    groups = []
+    for n in g.node:
+        found = _layernorm_end(model, n, inits, producers)
+        if found is None:
+            continue
+        gamma, beta, width = found
+        out = n.output[0]
+        readers = []
+        for c in consumers.get(out, []):
+            if c.op_type == "Shape":  # reads only the shape, which does not change
+                continue
+            w = _reader_weight(model, c, out, inits, producers, width)
+            if w is None:
+                readers = []
+                break
+            readers.append(w)
+        if readers and out not in outputs:
+            groups.append(LayerNormGroup(out, gamma, beta, readers))
+    return groups
+
+
+def _layernorm_end(model, n, inits, producers):
+    """(gamma ref, beta ref, width) when `n` is the last op of a LayerNorm, else None."""
+    if n.op_type == "LayerNormalization":
+        axis = next((a.i for a in n.attribute if a.name == "axis"), -1)
+        gamma = _constant(model, n.input[1], inits, producers)
+        if axis != -1 or gamma is None or gamma.ndim != 1:
+            return None
+        beta = (n.name, 2) if len(n.input) > 2 and n.input[2] else None
+        if beta and _constant(model, n.input[2], inits, producers) is None:
+            return None
+        return (n.name, 1), beta, gamma.shape[0]
+    if n.op_type != "Add":  # decomposed: Add(Mul(Div(x - mean, std), gamma), beta)
+        return None
+    for bi in (0, 1):
+        beta = _constant(model, n.input[bi], inits, producers)
+        mul = producers.get(n.input[1 - bi])
+        if beta is None or beta.ndim != 1 or mul is None or mul.op_type != "Mul":
+            continue
+        for gi in (0, 1):
+            gamma = _constant(model, mul.input[gi], inits, producers)
+            div = producers.get(mul.input[1 - gi])
+            if gamma is not None and gamma.shape == beta.shape and div is not None and div.op_type == "Div":
+                return (mul.name, gi), (n.name, bi), gamma.shape[0]
+    return None
+
+
+def _reader_weight(model, node, tensor, inits, producers, width):
+    if node.op_type == "MatMul" and node.input[0] == tensor:
+        w = _constant(model, node.input[1], inits, producers)
+        if w is not None and w.ndim == 2 and w.shape[0] == width:
+            return (node.name, 1)
+    if node.op_type == "Gemm" and node.input[0] == tensor:
+        attrs = {a.name: a.i for a in node.attribute}
+        w = _constant(model, node.input[1], inits, producers)
+        if attrs.get("transA", 0) == 0 and w is not None and w.ndim == 2:
+            if w.shape[1 if attrs.get("transB", 0) else 0] == width:
+                return (node.name, 1)
+    return None
+
+
+def _set(model, ref: tuple[str, int], value: np.ndarray, tag: str) -> None:
+    """Give the input `ref` a new initializer of its own (the old one may be shared)."""
+    node = next(n for n in model.graph.node if n.name == ref[0])
+    name = f"{node.input[ref[1]]}_{tag}"
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    node.input[ref[1]] = name
+
+
+def _get(model, ref):
+    node = next(n for n in model.graph.node if n.name == ref[0])
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return node, _constant(model, node.input[ref[1]], inits, producers)
+
+
+def scale_channels(model: onnx.ModelProto, group: LayerNormGroup, factors: np.ndarray, tag: str) -> None:
+    """gamma, beta *= factors; each reader's weight rows /= factors (in place)."""
+    factors = factors.astype(np.float32)
+    _, gamma = _get(model, group.gamma)
+    _set(model, group.gamma, (gamma * factors).astype(np.float32), tag)
+    if group.beta:
+        _, beta = _get(model, group.beta)
+        _set(model, group.beta, (beta * factors).astype(np.float32), tag)
+    for ref in group.readers:
+        node, w = _get(model, ref)
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        w = w / factors[None, :] if trans_b else w / factors[:, None]
+        _set(model, ref, w.astype(np.float32), tag)
+    _drop_unused(model)
+
+
+def _drop_unused(model) -> None:
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def reader_weight_absmax(model: onnx.ModelProto, group: LayerNormGroup) -> np.ndarray:
+    """Per input channel, the largest |weight| over every reader (SmoothQuant's max|W_j|)."""
+    out = None
+    for ref in group.readers:
+        node, w = _get(model, ref)
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        m = np.abs(w).max(axis=0 if trans_b else 1)
+        out = m if out is None else np.maximum(out, m)
+    return out
+
+
+def inject_outliers(model: onnx.ModelProto, channels: int = 4, low: float = 20.0, high: float = 100.0,
+                    seed: int = 0) -> onnx.ModelProto:
+    """The test stand-in for trained-model outliers: a copy of `model` whose LayerNorm
+    outputs carry a few channels 20-100x larger, with the same outputs in FP32."""
+    rng = np.random.default_rng(seed)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, group in enumerate(find_groups(out)):
+        _, gamma = _get(out, group.gamma)
+        factors = np.ones(gamma.shape[0], np.float32)
+        pick = rng.choice(gamma.shape[0], size=min(channels, gamma.shape[0]), replace=False)
+        factors[pick] = rng.uniform(low, high, size=len(pick))
+        scale_channels(out, group, factors, f"outlier{i}")
+    return out

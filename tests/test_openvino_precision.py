@@ -32,14 +32,28 @@ def test_policy_pins_fp32_and_int8():
     assert ovb.resolve_precision("f32") == "f32"
 
 
-def _tiny_onnx(path):
+def tiny_model(int8: bool = False) -> onnx.ModelProto:
+    """[batch, 3, 8, 8] -> [batch, 3, 64] @ W [64, 10] -> [batch, 30]: a token-shaped MatMul
+    like ViT's, optionally with Q/DQ written by vit-deploy's quantizer."""
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((3 * 8 * 8, 10)).astype(np.float32), "W")
-    g = helper.make_graph([helper.make_node("Flatten", ["images"], ["f"]),
-                           helper.make_node("MatMul", ["f", "W"], ["logits"])], "tiny",
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([0, 3, 64], np.int64), "tokens"),
+             numpy_helper.from_array(np.array([0, 30], np.int64), "flat")]
+    g = helper.make_graph([helper.make_node("Reshape", ["images", "tokens"], ["t"], name="tokens"),
+                           helper.make_node("MatMul", ["t", "W"], ["y"], name="matmul"),
+                           helper.make_node("Reshape", ["y", "flat"], ["logits"], name="flat")], "tiny",
                           [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], [w])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 30])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    if int8:
+        from vit_deploy.quantize import find_targets, insert_qdq
+        targets = find_targets(model)
+        model = insert_qdq(model, targets, {"t": [2.0, -2.0, 2.0]}, "symmetric", {t.weight: 63 for t in targets})
+    return model
+
+
+def _tiny_onnx(path, int8: bool = False):
+    onnx.save(tiny_model(int8), str(path))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -57,7 +71,7 @@ def test_runner_sets_the_precision_it_records(tmp_path, precision):
         assert r.inference_precision == extras["inference_precision_on_build_cpu"]
         assert r.compiled.get_property("INFERENCE_PRECISION_HINT") == getattr(ov.Type, r.inference_precision)
         y = r(np.ones((2, 3, 8, 8), np.float32))
-    assert y.shape == (2, 10)
+    assert y.shape == (2, 30)
 
 
 def test_old_fp16_artifacts_keep_their_recorded_f32(tmp_path):
@@ -83,3 +97,18 @@ def test_info_states_the_inference_precision():
     here = ovb.half_precision_for(ovb.cpu_capabilities(), __import__("platform").machine())
     assert "fp32 f32 (pinned on every CPU)" in line and "int8 f32 (pinned on every CPU)" in line
     assert f"fp16 half where the CPU computes it: {here} on this CPU, bf16 where it was built" in line
+
+
+def test_static_shapes_give_the_dynamic_models_outputs(tmp_path):
+    """The ARM path (one static-shape model per batch size) computes what the dynamic model
+    computes here, for each batch size it meets."""
+    _tiny_onnx(tmp_path / "m.onnx", int8=True)
+    out = tmp_path / "model.int8.xml"
+    ovb.compile(tmp_path / "m.onnx", out, "int8", {"max_batch": 4})
+    x = np.random.default_rng(1).uniform(-3, 3, (4, 3, 8, 8)).astype(np.float32)
+    with ovb.OvRunner(out, 4, 8, "CPU", 1, static_shapes=False) as dyn, \
+            ovb.OvRunner(out, 4, 8, "CPU", 1, static_shapes=True) as static:
+        for b in (1, 3, 4, 1):
+            np.testing.assert_allclose(static(x[:b]), dyn(x[:b]), rtol=1e-5, atol=1e-6)
+        assert sorted(static.by_batch) == [1, 3, 4]
+        assert all(not c.inputs[0].get_partial_shape().is_dynamic for c, _ in static.by_batch.values())

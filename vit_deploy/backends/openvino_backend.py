@@ -83,27 +83,53 @@ def _stable_names(model) -> None:
             op.set_friendly_name(f"{op.get_type_name()}_vd{i}")
 
 
+def is_arm(machine: str | None = None) -> bool:
+    m = (machine or platform.machine()).lower()
+    return m in ("aarch64", "arm64") or m.startswith("arm")
+
+
 class OvRunner(Runner):
+    """`static_shapes` (default: on ARM CPUs) compiles one static-shape model per batch size
+    met, on first use: OpenVINO 2026.4's ARM CPU plugin computes INT8 MatMuls of a model
+    with a dynamic batch wrongly (cosine 0.90 on vit-ti16 under emulated Cortex-A72,
+    Neoverse N1 and SVE CPUs alike) and the same model reshaped to a static batch exactly."""
     name = "openvino"
 
     def __init__(self, path: Path, max_batch: int, img_size: int, device: str, threads: int | None,
-                 precision_policy: str = PINNED_F32):
+                 precision_policy: str = PINNED_F32, static_shapes: bool | None = None):
         import openvino as ov
         super().__init__(max_batch, img_size)
-        config = {"PERFORMANCE_HINT": "LATENCY"}
-        core = ov.Core()
+        self.config = {"PERFORMANCE_HINT": "LATENCY"}
+        self.core, self.device = ov.Core(), device
         self.inference_precision = None  # the device's own choice (GPU, NPU)
         if device in ("CPU", "AUTO"):
-            self.inference_precision = resolve_precision(precision_policy, core)
-            config["INFERENCE_PRECISION_HINT"] = self.inference_precision
+            self.inference_precision = resolve_precision(precision_policy, self.core)
+            self.config["INFERENCE_PRECISION_HINT"] = self.inference_precision
             if threads:
-                config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = core.compile_model(str(path), device, config)
-        self.request = self.compiled.create_infer_request()
+                self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.static_shapes = is_arm() if static_shapes is None else static_shapes
+        self.by_batch: dict[int, tuple] = {}
+        if self.static_shapes:
+            self.model = self.core.read_model(str(path))
+            self.compiled, _ = self._compiled_for(1)
+        else:
+            self.compiled = self.core.compile_model(str(path), device, self.config)
+            self.request = self.compiled.create_infer_request()
+
+    def _compiled_for(self, batch: int):
+        if batch not in self.by_batch:
+            model = self.model.clone()
+            shape = model.inputs[0].get_partial_shape()
+            shape[0] = batch
+            model.reshape({model.inputs[0].get_any_name(): shape})
+            compiled = self.core.compile_model(model, self.device, self.config)
+            self.by_batch[batch] = (compiled, compiled.create_infer_request())
+        return self.by_batch[batch]
 
     def infer(self, images: np.ndarray) -> np.ndarray:
-        result = self.request.infer({0: images})
-        return np.array(result[self.compiled.outputs[0]], dtype=np.float32, copy=True)
+        compiled, request = self._compiled_for(len(images)) if self.static_shapes else (self.compiled, self.request)
+        result = request.infer({0: images})
+        return np.array(result[compiled.outputs[0]], dtype=np.float32, copy=True)
 
 
 def open(path: Path, artifact: dict, options: dict) -> Runner:

@@ -5,7 +5,7 @@ Every source answers the same small interface (`ModelSource.build`), so the
 pipeline has no branch per source: it gets back the eval-mode module, its
 preprocessing, labels and output kind, and the two manifest sections that let
 `check` rebuild the very same reference later (`build_reference`).
-Nothing here imports torch, timm or transformers until a model is built.
+Nothing here imports torch, timm or transformers until a timm or Hugging Face model is named.
 """
 from __future__ import annotations
 

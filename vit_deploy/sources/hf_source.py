@@ -90,7 +90,7 @@ class HFSource:
 
     def build(self, num_classes, img_size, weights, options: dict) -> BuiltModel:
         transformers = import_transformers()
-        from ..weights import hf_preprocessing, sha256_file
+        from ..weights import sha256_file
 
         if options:
             raise UserError(f"{self.name}: Hugging Face directories take no --model-arg (edit config.json instead)")
@@ -104,6 +104,7 @@ class HFSource:
         config = transformers.AutoConfig.from_pretrained(str(self.dir))
         config._attn_implementation = "eager"  # plain MatMul + Softmax: portable to every runtime
         if weights_file is not None:
+            transformers.utils.logging.disable_progress_bar()  # the pipeline prints its own stages
             net = cls.from_pretrained(str(directory), config=config, weights_only=True)
         else:
             log.warning("%s: no weights file (%s): random weights, for testing the pipeline only",

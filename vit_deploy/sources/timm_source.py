@@ -112,7 +112,8 @@ def _load(net, tensors, classifier: tuple[str, ...], name: str) -> None:
         except Exception as e:  # noqa: BLE001  a foreign file; the checks below name what misfits
             log.info("timm's checkpoint filter for %s did not apply: %s", name, e)
     target = net.state_dict()
-    heads = [k for k in sd if any(k.startswith(c + ".") for c in classifier)]
+    heads = sorted((k for k in sd if any(k.startswith(c + ".") for c in classifier)),
+                   key=lambda k: not k.endswith(".weight"))  # a weight's shape names both sizes
     if net.num_classes == 0:
         for k in heads:  # the embedding: a head in the file is not used
             sd.pop(k)

@@ -411,10 +411,23 @@ def mutate(manifest: dict, rng: random.Random, bait: dict) -> tuple[dict, str]:
     return m, "; ".join(done) or "none"
 
 
+def _deletions(manifest: dict):
+    """Every object key of the manifest deleted in turn: each field the code may read."""
+    for n, (parent, key, trail) in enumerate(_slots(manifest)):
+        if isinstance(parent, dict):
+            m = copy.deepcopy(manifest)
+            target = m
+            for k in trail[:-1]:
+                target = target[k]
+            del target[key]
+            yield m, "delete " + ".".join(map(str, trail))
+
+
 def test_fuzzed_manifests_never_crash_nor_read_outside(tiny, tmp_path, monkeypatch):
-    """>= 300 seeded mutations of a valid manifest through info and predict (and, every
-    tenth, check --golden, bench and compile): each ends with exit 0 or 2, never a
-    traceback, and no file outside the bundle is opened (audited, not assumed)."""
+    """Every key deleted in turn, then 300 seeded random mutations of a valid manifest,
+    through info and predict (and, every tenth random one, check --golden, bench and
+    compile): each ends with exit 0 or 2, never a traceback, and no file outside the
+    bundle is opened (audited, not assumed)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -426,7 +439,6 @@ def test_fuzzed_manifests_never_crash_nor_read_outside(tiny, tmp_path, monkeypat
     # keep the INT8 artifacts only: a smaller bundle to hash per run, the same code paths
     m0 = _manifest(src)
     m0["artifacts"] = [a for a in m0["artifacts"] if a["precision"] == "int8"]
-    m0.pop("parity", None)
     for f in ("model.onnx", "model.ort.onnx"):
         (src / f).unlink()
     _write_manifest(src, m0)
@@ -460,14 +472,15 @@ def test_fuzzed_manifests_never_crash_nor_read_outside(tiny, tmp_path, monkeypat
     bundle = work / "b"
     outcomes = {0: 0, 2: 0}
     runs = 0
-    for i in range(300):
-        m, what = mutate(m0, rng, bait)
+    deletions = list(_deletions(m0))
+    cases = deletions + [mutate(m0, rng, bait) for _ in range(300)]
+    for i, (m, what) in enumerate(cases):
         if bundle.exists():
             shutil.rmtree(bundle)
         copy_tiny(src, bundle)
         replace_bytes(bundle / "manifest.json", json.dumps(m).encode())  # NaN and Infinity included
         commands = [["info", bundle], ["predict", bundle, IMAGE, "--threads", "1"]]
-        if i % 10 == 0:
+        if i >= len(deletions) and i % 10 == 0:
             commands += [["check", bundle, "--golden", golden, "--threads", "1"],
                          ["bench", bundle, "--no-torch", "--iters", "1", "--warmup", "0", "--threads", "1"],
                          ["compile", bundle, "--target", "onnxruntime", "--precision", "int8"]]
@@ -488,5 +501,6 @@ def test_fuzzed_manifests_never_crash_nor_read_outside(tiny, tmp_path, monkeypat
             outcomes[code] += 1
             escaped = audit.outside(bundle, [IMAGE, golden])
             assert not escaped, f"{context}: opened outside the bundle: {escaped}"
-    print(f"fuzz: 300 mutations, {runs} command runs, exit 0: {outcomes[0]}, exit 2: {outcomes[2]}")
+    print(f"fuzz: {len(deletions)} single-key deletions + 300 random mutations, {runs} command runs, "
+          f"exit 0: {outcomes[0]}, exit 2: {outcomes[2]}")
     assert outcomes[0] > 20 and outcomes[2] > 100  # both harmless and refused changes were exercised

@@ -172,7 +172,9 @@ QUANTIZATION = record(
               "calibration_images": list_of(_text), "held_out_images": list_of(file_name),
               "quantized_nodes": integer(0, MAX_LIST)},
     optional={"scheme": _text, "excluded_nodes": list_of(_text), "agreement": nullable(number(0, 1)),
-              "overflow_fix": _name, "seven_bit_weights": list_of(_text)})
+              "overflow_fix": _name, "seven_bit_weights": list_of(_text),
+              "smoothquant_alpha": nullable(number(0, 1)), "smoothed_layernorms": integer(0, MAX_LIST),
+              "bias_corrected": integer(0, MAX_LIST)})
 
 ARTIFACT = record(
     required={"backend": string(ARTIFACT_BACKENDS), "precision": string(PRECISIONS), "path": rel_path,
@@ -181,7 +183,9 @@ ARTIFACT = record(
               "source_sha256": sha256, "cache_key": _text, "device": nullable(_text),
               "max_batch": integer(1, MAX_BATCH), "opset": integer(1, 1000), "quantization": QUANTIZATION,
               "extra_files": list_of(rel_path, max_len=1024), "runtime_version": _text,
-              "inference_precision_hint": _name, "performance_hint": _name})
+              # passed to OpenVINO as INFERENCE_PRECISION_HINT ("half": the CPU's own half type)
+              "inference_precision_hint": string(("f32", "bf16", "f16", "half")),
+              "performance_hint": string(("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"))})
 
 MODEL = record(
     # num_classes 0: the model gives its pooled embedding (output "embedding", output_dim wide)
@@ -207,7 +211,7 @@ SOURCE = record(
               "seed": integer(0, 2**63 - 1)})
 
 _result = record(required={"passed": boolean, "max_abs": number(0), "min_cosine": number(-1.001, 1.001),
-                           "top1_agreement": number(0, 1)})
+                           "top1_agreement": nullable(number(0, 1))})  # None for embedding outputs
 PARITY = record(
     required={"passed": boolean, "reference": _text, "images": integer(0, MAX_LIST), "checked": _text,
               "results": mapping(_result, max_len=1024)},
@@ -229,8 +233,7 @@ MANIFEST = record(
               "model": MODEL, "preprocessing": PREPROCESSING, "source": SOURCE},
     optional={"max_batch": integer(1, MAX_BATCH), "thresholds": THRESHOLD_SET, "parity": nullable(PARITY),
               "latency": nullable(LATENCY),
-              "last_export": nullable(record(required={}, optional={
-                  "stage_seconds": mapping(number(0), max_len=1024)})),
+              "last_export": nullable(record(required={"stage_seconds": mapping(number(0), max_len=1024)})),
               "skipped_targets": nullable(list_of(record(required={"runtime": _text, "reason": _text}),
                                                   max_len=64))})
 

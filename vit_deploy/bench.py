@@ -89,7 +89,7 @@ def bench(bundle_dir, backends=None, precisions=None, batches=(1,), threads: int
             from ._optional import require_torch
             require_torch("bench --backends torch")
             from .backends.torch_backend import TorchRunner
-            from .pipeline import build_reference
+            from .sources import build_reference
             t, before = time.perf_counter(), rss_mb()
             runners["torch-fp32"] = TorchRunner(build_reference(bundle.manifest), max_batch, threads)
             loads["torch-fp32"] = {"load_s": time.perf_counter() - t, "rss_delta_mb": rss_mb() - before}

@@ -49,6 +49,7 @@ def test_models_json_lists_every_variant():
 def test_models_table_prints():
     code, out, _ = run_cli("models")
     assert code == 0 and "vit-h14" in out and "GFLOPs" in out
+    assert "timm:NAME" in out and "hf:DIR" in out and "--num-classes 0" in out  # the other sources (issue 12)
 
 
 def test_unknown_model_suggests_close_names():

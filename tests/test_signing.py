@@ -177,3 +177,20 @@ def test_core_install_does_not_need_model_signing():
             "print(any(m.startswith('model_signing') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_encrypted_key_with_its_password_from_the_environment(tiny_unsigned, keys, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key(keys["ci"][0].read_bytes(), password=None)
+    encrypted = tmp_path / "enc.pem"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"s3cret")))
+    code, out, err, exc = invoke("sign", tiny_unsigned, "--key", encrypted)
+    assert_one_line_error(code, err, "enc.pem", "password")
+    code, out, err, exc = invoke("sign", tiny_unsigned, "--key", encrypted, "--password-env", "KEY_PASS",
+                                 env={"KEY_PASS": "wrong"})
+    assert_one_line_error(code, err, "password")
+    code, out, err, exc = invoke("sign", tiny_unsigned, "--key", encrypted, "--password-env", "KEY_PASS",
+                                 env={"KEY_PASS": "s3cret"})
+    assert code == 0, err
+    assert invoke("verify", tiny_unsigned, "--key", keys["ci"][1])[0] == 0

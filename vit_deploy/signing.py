@@ -83,7 +83,9 @@ def sign_bundle(bundle, private_key, signature=None, password: str | None = None
     sig = Path(signature) if signature else d / SIGNATURE
     ms = _model_signing()
     try:
-        config = ms.signing.Config().use_elliptic_key_signer(private_key=key, password=password)
+        # cryptography wants the password as bytes (model-signing passes it through)
+        config = ms.signing.Config().use_elliptic_key_signer(private_key=key,
+                                                             password=password.encode() if password else None)
     except (ValueError, TypeError) as e:  # not an EC key, encrypted without password, wrong password
         raise UserError(f"{key}: not a usable EC private key ({str(e).splitlines()[0][:120]})") from None
     tmp = sig.with_name(f".{sig.name}.tmp")
@@ -145,8 +147,7 @@ def verify_bundle(bundle, public_key, signature=None) -> int:
     key = _read_key(public_key, "public key")
     sig = Path(signature) if signature else d / SIGNATURE
     if not os.path.lexists(sig):
-        raise UserError(f"{d}: not signed (no {sig.name}); sign it with `vit-deploy sign {d} --key KEY.pem`, "
-                        f"or give the signature with --signature")
+        raise UserError(f"{d}: not signed (no {sig}); sign it with `vit-deploy sign {d} --key KEY.pem`")
     if sig.is_symlink():
         raise UserError(f"{sig}: a symlink; refusing to read it")
     signed = _parse(sig)

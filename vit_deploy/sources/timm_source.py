@@ -59,8 +59,15 @@ class TimmSource:
         if img_size:
             kwargs.setdefault("img_size", img_size)
         try:
-            net = timm.create_model(self.name, pretrained=False, **kwargs)
-        except TypeError as e:  # e.g. an argument this architecture does not take
+            try:
+                net = timm.create_model(self.name, pretrained=False, **kwargs)
+            except TypeError as e:
+                if "img_size" not in str(e) or "img_size" in options:
+                    raise
+                # a convolutional model takes any input size: --img-size only sets the input
+                net = timm.create_model(self.name, pretrained=False, **{k: v for k, v in kwargs.items()
+                                                                        if k != "img_size"})
+        except TypeError as e:  # an argument this architecture does not take
             raise UserError(f"timm:{self.name}: {e}") from None
         if tensors is not None:
             _load(net, tensors, classifier, self.name)

@@ -504,3 +504,17 @@ def test_fuzzed_manifests_never_crash_nor_read_outside(tiny, tmp_path, monkeypat
     print(f"fuzz: {len(deletions)} single-key deletions + 300 random mutations, {runs} command runs, "
           f"exit 0: {outcomes[0]}, exit 2: {outcomes[2]}")
     assert outcomes[0] > 20 and outcomes[2] > 100  # both harmless and refused changes were exercised
+
+
+def test_no_write_through_a_folder_that_links_out(tiny, tmp_path):
+    """compile into a bundle whose `openvino/` folder is a symlink out: refused, nothing written there."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    d = copy_tiny(tiny, tmp_path / "b" / "vit-ti16")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (d / "openvino").symlink_to(elsewhere, target_is_directory=True)
+    code, out, err, exc = invoke("compile", d, "--target", "openvino", "--precision", "int8")
+    assert exc is None, repr(exc)
+    assert_one_line_error(code, err, "openvino", "outside the bundle")
+    assert not any(elsewhere.iterdir())
+    assert invoke("info", d)[0] == 0  # and the bundle is as it was

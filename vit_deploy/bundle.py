@@ -353,8 +353,17 @@ class Transaction:
     def manifest(self) -> dict:
         return self.bundle.manifest
 
+    def _check_destination(self, rel: str) -> None:
+        """`rel` will be renamed into place: its folder must not lead out of the bundle
+        (e.g. an `openvino/` folder that is a symlink elsewhere)."""
+        d = self.bundle.dir
+        folder = (d / rel).parent.resolve()
+        if not folder.is_relative_to(d.resolve()):
+            raise UserError(f"{d / rel}: its folder resolves to {folder}, outside the bundle; refusing to write there")
+
     def stage(self, rel: str) -> Path:
         """Where to write the new version of bundle file `rel` (under the staging dir)."""
+        self._check_destination(rel)
         p = self.staging / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         if rel not in self.staged:
@@ -384,6 +393,8 @@ class Transaction:
                 os.fsync(f.fileno())
         staging_rel = self.staging.name
         renames = [[f"{staging_rel}/{rel}", rel] for rel in self.staged] + [[f"{staging_rel}/{MANIFEST}", MANIFEST]]
+        for rel in self.staged:
+            self._check_destination(rel)
         _fault("before-journal")
         with _lock(d / ".commit.lock", exclusive=True):
             write_json(d / JOURNAL, {"renames": renames})  # the commit point

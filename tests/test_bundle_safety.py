@@ -428,7 +428,6 @@ def test_fuzzed_manifests_never_crash_nor_read_outside(tiny, tmp_path, monkeypat
     through info and predict (and, every tenth random one, check --golden, bench and
     compile): each ends with exit 0 or 2, never a traceback, and no file outside the
     bundle is opened (audited, not assumed)."""
-    import numpy as np
     import onnxruntime as ort
 
     from vit_deploy.bundle import sha256_file

@@ -158,10 +158,6 @@ def record(required: dict, optional: dict | None = None):
     return check
 
 
-def any_value(v, field):
-    pass
-
-
 # ----------------------------------------------------------------- the schema
 
 _name = string(max_len=256)

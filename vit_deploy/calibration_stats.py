@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from . import onnx_io
 from .errors import UserError
-from .progress import progress
+from .progress import progress_bar
 
 METHODS = ("mse", "minmax", "entropy", "percentile")
 PERCENTILE = 99.99
@@ -62,14 +62,15 @@ def session(model: onnx.ModelProto, threads: int | None = None):
     so = session_options(threads)
     if onnx_io.initializer_bytes(model) < onnx_io.EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    from onnx.external_data_helper import load_external_data_for_model
     with tempfile.TemporaryDirectory(prefix="vit-deploy-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # saving with external data empties the tensors it writes out
-        onnx_io.save(copy, path, external=True)
-        del copy
-        # The session holds its own copy of the weights once built, so the files can go.
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        # Saving with external data moves the weights out of `model` (no second copy in
+        # memory); they are read back once ONNX Runtime holds its own.
+        onnx_io.save(model, Path(tmp) / "model.onnx", external=True)
+        try:
+            return ort.InferenceSession(str(Path(tmp) / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        finally:
+            load_external_data_for_model(model, tmp)
 
 
 def batches(x: np.ndarray, size: int = 8):
@@ -77,18 +78,33 @@ def batches(x: np.ndarray, size: int = 8):
         yield x[i:i + size]
 
 
+OUTPUT_BUDGET = 256 << 20  # bytes of exposed intermediate outputs per run
+
+
 def _outputs_over(model: onnx.ModelProto, tensors: list[str], images: np.ndarray, label: str):
-    """Yield {tensor: value} per batch of images."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    sess = session(add_outputs(m, tensors))
-    del m
+    """Yield {tensor: value} per batch of images. Every quantized tensor is a graph output
+    here, so a run returns them all at once: the first run takes one image, and the batch
+    is then sized to keep those outputs within OUTPUT_BUDGET (a hybrid's early conv maps
+    or vit-h14's 32 layers at batch 8 would take gigabytes)."""
+    have = len(model.graph.output)
+    add_outputs(model, tensors)  # in place, removed again below: no copy of the weights
+    try:
+        sess = session(model)
+    finally:
+        del model.graph.output[have:]
     names = [o.name for o in sess.get_outputs()]
     want = [names.index(t) for t in tensors]
     inp = sess.get_inputs()[0].name
-    for batch in progress(batches(images), (len(images) + 7) // 8, label):
-        outs = sess.run(None, {inp: batch})
-        yield {t: outs[j] for t, j in zip(tensors, want)}
+    i, size = 0, 1
+    with progress_bar(len(images), label) as bar:
+        while i < len(images):
+            batch = images[i:i + size]
+            outs = sess.run(None, {inp: batch})
+            yield {t: outs[j] for t, j in zip(tensors, want)}
+            per_image = sum(outs[j].nbytes for j in want) / len(batch)
+            i += len(batch)
+            bar(len(batch))
+            size = int(max(1, min(8, OUTPUT_BUDGET // max(per_image, 1))))
 
 
 def _channels_last(x: np.ndarray) -> np.ndarray:
@@ -101,20 +117,19 @@ def _channels_last(x: np.ndarray) -> np.ndarray:
 def collect_channel_stats(model: onnx.ModelProto, tensors: list[str], images: np.ndarray) -> dict[str, ChannelStats]:
     """Pass 1. A NaN or Inf anywhere is the user's model or images: stop, naming the tensor."""
     acc: dict[str, list] = {}
-    count = 0
     for outs in _outputs_over(model, tensors, images, "calibrating (pass 1/2: channel statistics)"):
         for t, x in outs.items():
-            rows = _channels_last(x.astype(np.float64))
-            if not np.isfinite(rows).all():
+            rows = _channels_last(x)
+            lo, hi = rows.min(0).astype(np.float64), rows.max(0).astype(np.float64)
+            if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
                 raise UserError(f"calibration: tensor '{t}' holds NaN or Inf values on the calibration images")
-            a = [np.abs(rows).max(0), rows.min(0), rows.max(0), rows.sum(0), len(rows)]
+            a = [np.maximum(hi, -lo), lo, hi, rows.sum(0, dtype=np.float64), len(rows)]
             if t not in acc:
                 acc[t] = a
             else:
                 old = acc[t]
                 acc[t] = [np.maximum(old[0], a[0]), np.minimum(old[1], a[1]), np.maximum(old[2], a[2]),
                           old[3] + a[3], old[4] + a[4]]
-        count += 1
     return {t: ChannelStats(a[0], a[1], a[2], a[3] / max(a[4], 1)) for t, a in acc.items()}
 
 

@@ -117,7 +117,7 @@ _overflow_fix_option = click.option(
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--calib-dir", default=None, help="Calibration images (default: the shipped photos).")
 @click.option("--calib-size", type=int, default=32, show_default=True)
-@click.option("--method", "calib_method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
+@click.option("--method", "calib_method", type=click.Choice(["mse", "minmax", "entropy", "percentile"]), default="mse",
               show_default=True, help="Calibration method for INT8.")
 @_overflow_fix_option
 @_engine_options
@@ -152,7 +152,12 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
 @click.argument("model_path", type=click.Path(dir_okay=False))
 @click.option("--calib-dir", default=None, help="Calibration images (default: the shipped photos).")
 @click.option("--calib-size", type=int, default=32, show_default=True)
-@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile", show_default=True)
+@click.option("--method", type=click.Choice(["mse", "minmax", "entropy", "percentile"]), default="mse", show_default=True,
+              help="Activation clipping: least squared quantization error (mse), max, KL divergence or 99.99th percentile.")
+@click.option("--smooth", type=float, default=0.5, show_default=True,
+              help="SmoothQuant strength for Linear layers that read a LayerNorm (folded into it).")
+@click.option("--no-smooth", is_flag=True, help="No outlier migration.")
+@click.option("--no-bias-correction", is_flag=True, help="Keep the biases as they are.")
 @click.option("--exclude", multiple=True, help="Keep nodes matching this glob in float (repeatable).")
 @click.option("--attention", is_flag=True, help="Also quantize the attention MatMuls (activation x activation).")
 @click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric", show_default=True,
@@ -162,11 +167,13 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
 @click.option("--img-size", type=int, default=None, help="For ONNX files without vit-deploy metadata.")
 @click.option("--mean", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
 @click.option("--std", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
+@click.option("--preset", type=click.Choice(["imagenet", "inception", "clip"]), default=None,
+              help="Named mean/std for ONNX files without vit-deploy metadata or preprocessor_config.json.")
 @click.option("--out", default=None, help="Default: MODEL.int8.onnx beside the input.")
 @click.option("--report", is_flag=True, help="Print the per-layer table.")
 @_handle_errors
-def quantize(model_path, calib_dir, calib_size, method, exclude, attention, scheme, max_drop, overflow_fix, img_size, mean,
-             std, out, report):
+def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bias_correction, exclude, attention, scheme,
+             max_drop, overflow_fix, img_size, mean, std, preset, out, report):
     """Any ViT ONNX model -> INT8 Q/DQ ONNX from calibration images."""
     _setup_logging(False)
     from .images import default_calibration_dir
@@ -174,10 +181,13 @@ def quantize(model_path, calib_dir, calib_size, method, exclude, attention, sche
     triple = lambda v, name: _triple(v, name)  # noqa: E731
     result = run_quantize(model_path, calib_dir or default_calibration_dir(), out, method=method, exclude=exclude,
                           calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=triple(mean, "--mean"),
-                          std=triple(std, "--std"), attention=attention, report=report, scheme=scheme,
-                          overflow_fix=overflow_fix)
+                          std=triple(std, "--std"), preset=preset, attention=attention, report=report, scheme=scheme,
+                          overflow_fix=overflow_fix, smooth=None if no_smooth else smooth,
+                          bias_correction=not no_bias_correction)
     if report:
         click.echo(format_report(result.report))
+    click.echo(f"preprocessing from {result.preprocessing_source}: {result.preprocessing['img_size']} px, "
+               f"mean {result.preprocessing['mean']}, std {result.preprocessing['std']}")
     click.echo(f"wrote {result.path}: {len(result.quantized)} matrix products in INT8, {len(result.excluded)} in float"
                + (f", top-1 agreement {result.agreement:.4f}" if result.agreement is not None else ""))
 

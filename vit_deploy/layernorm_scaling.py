@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .onnx_io import drop_unused_initializers, graph_index
+
 
 @dataclass
 class LayerNormGroup:
@@ -40,12 +42,7 @@ def find_groups(model: onnx.ModelProto) -> list[LayerNormGroup]:
     """LayerNorms whose every reader is a MatMul/Gemm with a constant 2-D weight on its
     input channels: only there is the rescaling exact and free."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, producers, consumers = graph_index(model)
     outputs = {o.name for o in g.output}
     groups = []
     for n in g.node:
@@ -136,14 +133,7 @@ def scale_channels(model: onnx.ModelProto, group: LayerNormGroup, factors: np.nd
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         w = w / factors[None, :] if trans_b else w / factors[:, None]
         _set(model, ref, w.astype(np.float32), tag)
-    _drop_unused(model)
-
-
-def _drop_unused(model) -> None:
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused_initializers(model)
 
 
 def reader_weight_absmax(model: onnx.ModelProto, group: LayerNormGroup) -> np.ndarray:

@@ -97,3 +97,22 @@ def get_metadata(model: onnx.ModelProto) -> dict:
             except ValueError:
                 out[p.key[len(META_PREFIX):]] = p.value
     return out
+
+
+def graph_index(model: onnx.ModelProto) -> tuple[dict, dict, dict]:
+    """{name: initializer}, {tensor: producing node}, {tensor: [consuming nodes]} of the main graph."""
+    g = model.graph
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return {t.name: t for t in g.initializer}, {o: n for n in g.node for o in n.output}, consumers
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads any more (after a rewrite renamed or replaced them)."""
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)

@@ -116,7 +116,7 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
         if check:
             from .parity import stage_check
             stages.run("check", stage_check, tx, net)
-        m["last_export"] = {"stage_seconds": stages.times, "targets": list(runtimes), "precisions": list(precisions),
-                            "skipped": skipped}
+        m["last_export"] = {"stage_seconds": stages.times, "peak_rss_gb_after": stages.peak_rss_gb,
+                            "targets": list(runtimes), "precisions": list(precisions), "skipped": skipped}
         tx.commit()
         return m

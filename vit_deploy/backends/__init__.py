@@ -92,7 +92,14 @@ def open_runner(bundle, artifact: dict, threads: int | None = None, device: str 
         raise UserError(why)
     opts = {"threads": threads, "device": device or artifact.get("device"),
             "max_batch": bundle.manifest.get("max_batch", 32), "img_size": bundle.manifest["model"]["img_size"]}
-    return mod.open(Path(path), artifact, opts)
+    try:
+        return mod.open(Path(path), artifact, opts)
+    except UserError:
+        raise
+    except Exception as e:  # the hash matched, so the file is what the bundle says: its content is bad
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"{path}: {artifact['backend']} could not load this {artifact['precision']} artifact "
+                        f"({type(e).__name__}: {first})") from None
 
 
 def runtime_versions() -> dict:

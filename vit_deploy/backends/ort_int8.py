@@ -21,17 +21,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..onnx_io import drop_unused_initializers, graph_index
+
 
 def to_uint8_activations(model: onnx.ModelProto) -> int:
     """Int8 activation Q/DQ pairs -> uint8 with the zero point moved by 128, in place.
     Each converted pair gets zero points of its own (the int8 ones may be shared with
     weights); recorded intermediate types are updated. Returns how many Q nodes."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, _, consumers = graph_index(model)
     changed = 0
     for n in list(g.node):
         if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[0] in inits:
@@ -51,27 +49,19 @@ def to_uint8_activations(model: onnx.ModelProto) -> int:
             if vi.name == n.output[0]:
                 vi.type.tensor_type.elem_type = onnx.TensorProto.UINT8
         changed += 1
-    used = {i for n in g.node for i in n.input}
-    kept = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    drop_unused_initializers(model)
     return changed
 
 
 def fold_conv_weights(model: onnx.ModelProto) -> int:
     """DequantizeLinear(int8 constant) -> Conv becomes a float constant; returns how many."""
-    inits = {t.name: t for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    inits, producers, consumers = graph_index(model)
     dropped, folded = set(), 0
     for n in model.graph.node:
         if n.op_type != "Conv":
             continue
         dq = producers.get(n.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or consumers.get(dq.output[0]) != 1:
+        if dq is None or dq.op_type != "DequantizeLinear" or len(consumers.get(dq.output[0], [])) != 1:
             continue
         if not all(i in inits for i in dq.input):
             continue
@@ -89,10 +79,7 @@ def fold_conv_weights(model: onnx.ModelProto) -> int:
     keep = [n for n in model.graph.node if id(n) not in dropped]
     del model.graph.node[:]
     model.graph.node.extend(keep)
-    used = {i for n in model.graph.node for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused_initializers(model)
     return folded
 
 
@@ -101,18 +88,13 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     an INT8 kernel for DQ -> MatMul without a quantized output, none for Gemm (timm exports
     Linear layers on 2-D inputs, such as heads, as Gemm). Returns how many."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    inits, producers, consumers = graph_index(model)
     nodes, done = [], 0
     for n in g.node:
         attrs = {a.name: (a.f if a.type == onnx.AttributeProto.FLOAT else a.i) for a in n.attribute}
         dq = producers.get(n.input[1]) if n.op_type == "Gemm" else None
         if (dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or attrs.get("transA", 0)
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or consumers[dq.output[0]] != 1):
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or len(consumers[dq.output[0]]) != 1):
             nodes.append(n)
             continue
         if attrs.get("transB", 0):  # weights [out, in] per output channel (axis 0) -> [in, out], axis 1

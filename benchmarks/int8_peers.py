@@ -7,7 +7,8 @@ as trained ViTs carry them; FP32 outputs unchanged), one round-robin timing run 
 FP32 on ONNX Runtime and OpenVINO; vit-deploy's INT8 (the portable Q/DQ file on
 OpenVINO, its ONNX Runtime form on ONNX Runtime); NNCF's OpenVINO API; NNCF's ONNX
 backend on both runtimes; ONNX Runtime's dynamic quantization. Fidelity against FP32
-on the held-out shipped photos: min cosine and mean correlation of the outputs.
+on the held-out shipped photos: min cosine and mean correlation of the outputs. The
+trained Fashion-MNIST model (benchmarks/fashion_mnist.py) adds top-1 on its test set.
 
     python benchmarks/int8_peers.py                       # every graph, batch 1 and 8
     python benchmarks/int8_peers.py --graphs hf-vit-op14 --batches 1 --iters 20
@@ -31,6 +32,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 
@@ -104,20 +106,31 @@ def ort_dynamic(fp32: Path, work: Path) -> Path:
     return out
 
 
-def run_graph(kind: str, work: Path, args) -> list[dict]:
+def prepare_graph(kind: str, work: Path, args):
+    """(FP32 ONNX to quantize, its preprocessing, calibration dir, calibration inputs, judged inputs, labels or None)."""
     import onnx
 
     from foreign_graphs import make_graph
     from vit_deploy.images import default_calibration_dir, list_images, load_images, split_for_calibration
     from vit_deploy.layernorm_scaling import inject_outliers
-    from vit_deploy.quantize import preprocessing_of, quantize
+    from vit_deploy.quantize import preprocessing_of
 
+    if kind == "fashion-mnist":  # trained: judged by top-1 on the test set, no stand-in outliers
+        import fashion_mnist as fm
+        bundle = fm.build_bundle(work, targets="onnx", precisions="fp32")
+        fp32 = bundle / "model.onnx"
+        pre, _ = preprocessing_of(onnx.load(str(fp32)), fp32)
+        calib, _ = load_images(list_images(fm.calibration_dir()), pre)
+        images, labels = fm.load("test")
+        n = args.fmnist_images
+        return fp32, pre, fm.calibration_dir(), calib, fm.to_inputs(images[:n]), labels[:n]
     if kind == "vit-b16":
         from vit_deploy.models import build_model
         from vit_deploy.onnx_export import export_onnx, simplify_onnx
         work.mkdir(parents=True, exist_ok=True)
         src = work / "vit-b16.onnx"
-        export_onnx(build_model("vit-b16").eval(), src, 17, {"preprocessing": build_model("vit-ti16").preprocessing.to_dict()})
+        model = build_model("vit-b16").eval()
+        export_onnx(model, src, 17, {"preprocessing": model.preprocessing.to_dict()})
         simplify_onnx(src)
     else:
         src = make_graph(kind, work, small=args.small)
@@ -128,12 +141,16 @@ def run_graph(kind: str, work: Path, args) -> list[dict]:
     calib_dir = default_calibration_dir()
     calib_paths, held = split_for_calibration(list_images(calib_dir), 32)
     pre, _ = preprocessing_of(onnx.load(str(src)), src)
-    calib, _ = load_images(calib_paths, pre)
-    photos, _ = load_images(held, pre)
+    return fp32, pre, calib_dir, load_images(calib_paths, pre)[0], load_images(held, pre)[0], None
 
+
+def run_graph(kind: str, work: Path, args) -> list[dict]:
+    from vit_deploy.quantize import quantize
+
+    fp32, pre, calib_dir, calib, photos, labels = prepare_graph(kind, work, args)
     t = time.perf_counter()
     vd = work / "vit_deploy.int8.onnx"
-    quantize(fp32, calib_dir, vd, calib_size=32, attention=args.attention, img_size=pre.img_size,
+    quantize(fp32, calib_dir, vd, calib_size=len(calib), attention=args.attention, img_size=pre.img_size,
              mean=pre.mean, std=pre.std)
     seconds = {"vit-deploy": time.perf_counter() - t}
     t = time.perf_counter()
@@ -151,12 +168,18 @@ def run_graph(kind: str, work: Path, args) -> list[dict]:
         "NNCF ONNX, ORT": ort_runner(peers["onnx"], th),
         "ORT quantize_dynamic, ORT": ort_runner(dyn, th),
     }
-    ref = np.concatenate([runners["ORT FP32"](photos[i:i + 1]) for i in range(len(photos))])
+    def outputs(run):
+        step = 1 if labels is None else 64
+        return np.concatenate([run(photos[i:i + step]) for i in range(0, len(photos), step)])
+    ref = outputs(runners["ORT FP32"])
     quality = {}
     for name, run in runners.items():
-        got = np.concatenate([run(photos[i:i + 1]) for i in range(len(photos))])
+        got = outputs(run)
         c, r = cosines(ref, got), correlation(ref, got)
-        quality[name] = (float(c.min()), float(r.mean()), float(r.min()))
+        top1 = agree = None
+        if labels is not None:
+            top1, agree = float((got.argmax(1) == labels).mean()), float((got.argmax(1) == ref.argmax(1)).mean())
+        quality[name] = (float(c.min()), float(r.mean()), float(r.min()), top1, agree)
     rows = []
     for batch in args.batches:
         x = np.ascontiguousarray(np.resize(photos, (batch, *photos.shape[1:])))
@@ -173,24 +196,28 @@ def run_graph(kind: str, work: Path, args) -> list[dict]:
         for k in runners:
             rows.append({"graph": kind, "batch": batch, "artifact": k, "p50_ms": p50[k],
                          "x_ort_fp32": p50["ORT FP32"] / p50[k], "min_cos": quality[k][0],
-                         "corr_mean": quality[k][1], "corr_worst": quality[k][2]})
+                         "corr_mean": quality[k][1], "corr_worst": quality[k][2], "top1": quality[k][3],
+                         "agreement": quality[k][4]})
     print(f"[{kind}] quantize seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| graph | batch | artifact | p50 ms | x ORT FP32 | min cosine | correlation mean / worst |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| graph | batch | artifact | p50 ms | x ORT FP32 | min cosine | correlation mean / worst | top-1 % / agreement % |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        acc = f"{100 * r['top1']:.2f} / {100 * r['agreement']:.2f}" if r.get("top1") is not None else "-"
         lines.append(f"| {r['graph']} | {r['batch']} | {r['artifact']} | {r['p50_ms']:.1f} | {r['x_ort_fp32']:.2f} | "
-                     f"{r['min_cos']:.5f} | {r['corr_mean']:.5f} / {r['corr_worst']:.5f} |")
+                     f"{r['min_cos']:.5f} | {r['corr_mean']:.5f} / {r['corr_worst']:.5f} | {acc} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     from foreign_graphs import GRAPHS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--graphs", default=",".join(GRAPHS), help="comma-separated: " + ", ".join(GRAPHS) + ", vit-b16")
+    ap.add_argument("--graphs", default=",".join(GRAPHS) + ",fashion-mnist",
+                    help="comma-separated: " + ", ".join(GRAPHS) + ", fashion-mnist, vit-b16")
+    ap.add_argument("--fmnist-images", type=int, default=2000, help="Fashion-MNIST test images judged")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)

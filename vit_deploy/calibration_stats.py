@@ -114,12 +114,23 @@ def _channels_last(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(-1, 1)
 
 
-def collect_channel_stats(model: onnx.ModelProto, tensors: list[str], images: np.ndarray) -> dict[str, ChannelStats]:
-    """Pass 1. A NaN or Inf anywhere is the user's model or images: stop, naming the tensor."""
+SAMPLE_ROWS = 512  # token rows kept per sampled tensor, for choosing the outlier migration
+
+
+def collect_channel_stats(model: onnx.ModelProto, tensors: list[str], images: np.ndarray,
+                          sample: tuple[str, ...] = ()) -> tuple[dict[str, ChannelStats], dict[str, np.ndarray]]:
+    """Pass 1: per-channel statistics of every tensor, and a random sample of rows of the
+    tensors in `sample`. A NaN or Inf anywhere is the user's model or images: stop, naming the tensor."""
     acc: dict[str, list] = {}
+    rows_kept: dict[str, list] = {t: [] for t in sample}
+    rng = np.random.default_rng(0)
+    per_image = max(1, SAMPLE_ROWS // max(1, len(images)) + 1)
     for outs in _outputs_over(model, tensors, images, "calibrating (pass 1/2: channel statistics)"):
         for t, x in outs.items():
             rows = _channels_last(x)
+            if t in rows_kept:
+                take = min(len(rows), per_image * len(x))
+                rows_kept[t].append(rows[rng.choice(len(rows), take, replace=False)].copy())
             lo, hi = rows.min(0).astype(np.float64), rows.max(0).astype(np.float64)
             if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
                 raise UserError(f"calibration: tensor '{t}' holds NaN or Inf values on the calibration images")
@@ -130,7 +141,8 @@ def collect_channel_stats(model: onnx.ModelProto, tensors: list[str], images: np
                 old = acc[t]
                 acc[t] = [np.maximum(old[0], a[0]), np.minimum(old[1], a[1]), np.maximum(old[2], a[2]),
                           old[3] + a[3], old[4] + a[4]]
-    return {t: ChannelStats(a[0], a[1], a[2], a[3] / max(a[4], 1)) for t, a in acc.items()}
+    samples = {t: np.concatenate(r)[:SAMPLE_ROWS * 2] for t, r in rows_kept.items() if r}
+    return {t: ChannelStats(a[0], a[1], a[2], a[3] / max(a[4], 1)) for t, a in acc.items()}, samples
 
 
 def collect_histograms(model: onnx.ModelProto, tensors: list[str], images: np.ndarray,

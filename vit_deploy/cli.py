@@ -154,8 +154,9 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
 @click.option("--calib-size", type=int, default=32, show_default=True)
 @click.option("--method", type=click.Choice(["mse", "minmax", "entropy", "percentile"]), default="mse", show_default=True,
               help="Activation clipping: least squared quantization error (mse), max, KL divergence or 99.99th percentile.")
-@click.option("--smooth", type=float, default=0.5, show_default=True,
-              help="SmoothQuant strength for Linear layers that read a LayerNorm (folded into it).")
+@click.option("--smooth", default="auto", show_default=True,
+              help="Outlier migration (SmoothQuant, folded into LayerNorm) strength 0..1, or auto: per LayerNorm, "
+                   "the strength (or none) that errs least on the calibration images.")
 @click.option("--no-smooth", is_flag=True, help="No outlier migration.")
 @click.option("--no-bias-correction", is_flag=True, help="Keep the biases as they are.")
 @click.option("--exclude", multiple=True, help="Keep nodes matching this glob in float (repeatable).")
@@ -182,7 +183,7 @@ def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bi
     result = run_quantize(model_path, calib_dir or default_calibration_dir(), out, method=method, exclude=exclude,
                           calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=triple(mean, "--mean"),
                           std=triple(std, "--std"), preset=preset, attention=attention, report=report, scheme=scheme,
-                          overflow_fix=overflow_fix, smooth=None if no_smooth else smooth,
+                          overflow_fix=overflow_fix, smooth=None if no_smooth else _smooth(smooth),
                           bias_correction=not no_bias_correction)
     if report:
         click.echo(format_report(result.report))
@@ -203,6 +204,15 @@ def _key_values(pairs, name) -> dict:
         except ValueError:
             out[key.strip()] = value
     return out
+
+
+def _smooth(value: str):
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--smooth takes 'auto' or a number between 0 and 1, got '{value}'") from None
 
 
 def _triple(value, name):

@@ -42,9 +42,9 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
         bits = f"7-bit on {len(q['seven_bit_weights'])} tensor(s)" if q.get("seven_bit_weights") else "8-bit"
         lines.append(f"int8       {q['method']} calibration on {len(q['calibration_images'])} images, "
                      f"{q['quantized_nodes']} matrix products, weights {bits} (overflow fix {q.get('overflow_fix', 'off')})")
-        if q.get("smoothquant_alpha") is not None:
+        if q.get("smoothquant") is not None:
             lines.append(f"           outliers migrated at {q.get('smoothed_layernorms', 0)} LayerNorm(s) "
-                         f"(SmoothQuant {q['smoothquant_alpha']}), {q.get('bias_corrected', 0)} bias(es) corrected")
+                         f"(SmoothQuant {q['smoothquant']}), {q.get('bias_corrected', 0)} bias(es) corrected")
     for s in manifest.get("skipped_targets") or []:
         lines.append(f"  skipped {s['runtime']}: {s['reason']}")
     p = manifest.get("parity")

@@ -136,15 +136,19 @@ def scale_channels(model: onnx.ModelProto, group: LayerNormGroup, factors: np.nd
     drop_unused_initializers(model)
 
 
-def reader_weight_absmax(model: onnx.ModelProto, group: LayerNormGroup) -> np.ndarray:
-    """Per input channel, the largest |weight| over every reader (SmoothQuant's max|W_j|)."""
-    out = None
+def reader_weights(model: onnx.ModelProto, group: LayerNormGroup) -> list[np.ndarray]:
+    """Each reader's weight as [in, out] (Gemm's transB undone)."""
+    out = []
     for ref in group.readers:
         node, w = _get(model, ref)
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-        m = np.abs(w).max(axis=0 if trans_b else 1)
-        out = m if out is None else np.maximum(out, m)
+        out.append(w.T if trans_b else w)
     return out
+
+
+def reader_weight_absmax(model: onnx.ModelProto, group: LayerNormGroup) -> np.ndarray:
+    """Per input channel, the largest |weight| over every reader (SmoothQuant's max|W_j|)."""
+    return np.max([np.abs(w).max(axis=1) for w in reader_weights(model, group)], axis=0)
 
 
 def inject_outliers(model: onnx.ModelProto, channels: int = 4, low: float = 20.0, high: float = 100.0,

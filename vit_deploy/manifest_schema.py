@@ -169,7 +169,7 @@ QUANTIZATION = record(
               "quantized_nodes": integer(0, MAX_LIST)},
     optional={"scheme": _text, "excluded_nodes": list_of(_text), "agreement": nullable(number(0, 1)),
               "overflow_fix": _name, "seven_bit_weights": list_of(_text),
-              "smoothquant_alpha": nullable(number(0, 1)), "smoothed_layernorms": integer(0, MAX_LIST),
+              "smoothquant": _name, "smoothed_layernorms": integer(0, MAX_LIST),
               "bias_corrected": integer(0, MAX_LIST)})
 
 ARTIFACT = record(

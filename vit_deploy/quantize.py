@@ -58,8 +58,8 @@ log = logging.getLogger("vit_deploy")
 METHODS = cs.METHODS
 SCHEMES = ("symmetric", "asymmetric")
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-RECIPE = "mse-smoothquant-biascorr-v1"  # in the stage's cache key: a new recipe rebuilds old bundles
-SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength: max|x_j|^a / max|W_j|^(1-a)
+RECIPE = "mse-smoothquant-auto-biascorr-v2"  # in the stage's cache key: a new recipe rebuilds old bundles
+SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
 
 
 def resolve_overflow_fix(fix: str, runtimes=None) -> str:
@@ -152,7 +152,7 @@ def _cache_dir() -> Path:
 
 
 def _calib_key(model_sha: str, image_shas: list[str], method: str, pre: Preprocessing, tensors: list[str],
-               smooth: float | None) -> str:
+               smooth) -> str:
     blob = json.dumps(["stats-v3", model_sha, image_shas, method, pre.to_dict(), tensors, smooth,
                        cs.PERCENTILE, cs.BINS])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -186,13 +186,39 @@ def _load_calibration(path: Path):
 
 # ------------------------------------------------------------- outlier migration and bias correction
 
-def smooth_layernorms(model: onnx.ModelProto, stats: dict, quantized_weights: set[str], alpha: float,
-                      in_place: bool = False):
+ALPHAS = (None, 0.3, 0.5, 0.7, 0.9)  # "auto" tries these per LayerNorm (None: no migration)
+
+
+def _smoothing(x_max, w_max, alpha):
+    if alpha is None:
+        return np.ones_like(x_max)
+    s = np.where((x_max > 0) & (w_max > 0),
+                 np.power(np.maximum(x_max, 1e-12), alpha) / np.power(np.maximum(w_max, 1e-12), 1 - alpha), 1.0)
+    return np.clip(s, 1e-4, 1e4)
+
+
+def _product_error(x: np.ndarray, w: np.ndarray, s: np.ndarray, x_amax: float, top: int) -> float:
+    """Relative squared error of x @ w when x / s is quantized per tensor (MSE threshold)
+    and w * s per output column: what one migration choice costs the Linear outputs."""
+    x, w, s = x.astype(np.float32), w.astype(np.float32), s.astype(np.float32)  # one dtype: BLAS, not a loop
+    xs, ws = x / s, w * s[:, None]
+    hist = np.bincount(np.minimum((np.abs(xs).ravel() * (512 / x_amax)).astype(np.int64), 511), minlength=512)
+    step = cs.mse_threshold(hist, x_amax) / cs.LEVELS
+    xq = np.clip(np.round(xs / step), -128, 127) * step
+    wq, scale = quantize_weight(ws.astype(np.float32), 1, top)
+    ref = x @ w
+    return float(np.sum((ref - xq @ (wq * scale[None, :])) ** 2) / max(np.sum(ref ** 2), 1e-30))
+
+
+def smooth_layernorms(model: onnx.ModelProto, stats: dict, samples: dict, quantized_weights: set[str], alpha,
+                      weight_top: int = 127, in_place: bool = False):
     """SmoothQuant folded into LayerNorm: where every reader of a LayerNorm output is a
     quantized Linear, divide channel j by s_j = max|x_j|^a / max|W_j|^(1-a) (in gamma and
     beta) and multiply the readers' weight rows by it. Exact in FP32, free at run time.
+    alpha "auto" picks, per LayerNorm, the strength (or none) whose quantized Linear
+    outputs err least on a sample of calibration rows: trained ViTs differ per layer.
     Returns the new model, the statistics of the smoothed tensors and {tensor: s}."""
-    from .layernorm_scaling import find_groups, reader_weight_absmax, scale_channels
+    from .layernorm_scaling import find_groups, reader_weights, scale_channels
     out = model if in_place else _copy(model)
     stats = dict(stats)
     factors = {}
@@ -200,13 +226,24 @@ def smooth_layernorms(model: onnx.ModelProto, stats: dict, quantized_weights: se
         nodes = {n.name: n for n in out.graph.node}
         if group.output not in stats or not all(nodes[r[0]].input[1] in quantized_weights for r in group.readers):
             continue
+        w = np.concatenate(reader_weights(out, group), axis=1)  # [in, sum of outs]
         x_max = stats[group.output].amax
-        w_max = reader_weight_absmax(out, group)
+        w_max = np.abs(w).max(axis=1)
         if x_max.shape != w_max.shape:
             continue
-        s = np.where((x_max > 0) & (w_max > 0),
-                     np.power(np.maximum(x_max, 1e-12), alpha) / np.power(np.maximum(w_max, 1e-12), 1 - alpha), 1.0)
-        s = np.clip(s, 1e-4, 1e4)
+        if alpha == "auto" and group.output in samples:
+            # the error on 512 sampled rows and 512 sampled output columns: each column's
+            # weights are quantized on their own, so a column subset estimates it unbiased
+            x = samples[group.output][:cs.SAMPLE_ROWS]
+            cols = np.random.default_rng(i).choice(w.shape[1], min(512, w.shape[1]), replace=False)
+            errs = {a: _product_error(x, w[:, cols], _smoothing(x_max, w_max, a),
+                                      float((x_max / _smoothing(x_max, w_max, a)).max()), weight_top) for a in ALPHAS}
+            best = min(errs, key=errs.get)
+        else:
+            best = SMOOTH_ALPHA if alpha == "auto" else alpha
+        s = _smoothing(x_max, w_max, best)
+        if best is None:
+            continue
         scale_channels(out, group, 1.0 / s, f"smooth{i}")
         stats[group.output] = stats[group.output].divided(s)
         factors[group.output] = s
@@ -492,8 +529,8 @@ def preprocessing_of(model: onnx.ModelProto, model_path=None, img_size=None, mea
     return resolve(Path(model_path or "model.onnx"), meta, dims[2].dim_value or None, img_size, mean, std, preset)
 
 
-def calibrate(model, targets, excluded, calib, method: str, smooth: float | None, cache_key: str | None,
-              recalibrate: bool = False, in_place: bool = False):
+def calibrate(model, targets, excluded, calib, method: str, smooth, cache_key: str | None,
+              recalibrate: bool = False, in_place: bool = False, weight_top: int = 127):
     """Statistics, outlier migration and clipping thresholds for the quantized tensors.
     Returns (smoothed model, statistics, {tensor: threshold}, {tensor: s}, cache hit).
     `in_place` smooths `model` itself: one copy of the weights less (vit-h14: 2.5 GB)."""
@@ -507,11 +544,13 @@ def calibrate(model, targets, excluded, calib, method: str, smooth: float | None
             return smoothed, stats, thresholds, factors, True
         except (OSError, ValueError, KeyError):
             log.warning("calibration cache %s is unreadable; recalibrating", cache.name)
-    stats0 = cs.collect_channel_stats(model, tensors, calib)
+    from .layernorm_scaling import find_groups
+    sampled = tuple(g.output for g in find_groups(model)) if smooth == "auto" else ()
+    stats0, samples = cs.collect_channel_stats(model, tensors, calib, sampled)
     smoothed, stats, factors = model, stats0, {}
     if smooth:
         quantized = {t.weight for t in targets if t.weight and t.node not in excluded}
-        smoothed, stats, factors = smooth_layernorms(model, stats0, quantized, smooth, in_place)
+        smoothed, stats, factors = smooth_layernorms(model, stats0, samples, quantized, smooth, weight_top, in_place)
     amax = {t: float(stats[t].amax.max()) for t in tensors}
     hists = cs.collect_histograms(smoothed, tensors, calib, amax) if method != "minmax" else {}
     thresholds = {t: cs.threshold(method, hists.get(t), amax[t]) for t in tensors}
@@ -523,7 +562,7 @@ def calibrate(model, targets, excluded, calib, method: str, smooth: float | None
 def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), calib_size: int = 32,
              max_drop: float | None = None, img_size=None, mean=None, std=None, preset: str | None = None,
              attention: bool = False, report: bool = False, recalibrate: bool = False, scheme: str = "symmetric",
-             overflow_fix: str = "auto", smooth: float | None = SMOOTH_ALPHA,
+             overflow_fix: str = "auto", smooth="auto",
              bias_correction: bool = True) -> QuantResult:
     """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring)."""
     from .weights import sha256_file
@@ -537,8 +576,8 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
         raise UserError(f"unknown calibration method '{method}': choose from {', '.join(METHODS)}")
     if calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {calib_size}")
-    if smooth is not None and not 0 < smooth < 1:
-        raise UserError(f"--smooth must be between 0 and 1 (exclusive), got {smooth}")
+    if smooth not in (None, "auto") and not (isinstance(smooth, (int, float)) and 0 < smooth < 1):
+        raise UserError(f"--smooth must be 'auto' or a number between 0 and 1 (exclusive), got {smooth}")
     overflow_fix = resolve_overflow_fix(overflow_fix)  # the manifest records what was done, never "auto"
     try:
         model = onnx_io.load(model_path)
@@ -560,10 +599,12 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
         excluded |= {t.node for t in targets if fnmatch.fnmatch(t.node, pattern)}
     tensors = list(dict.fromkeys(t.activation for t in targets))
     model_sha = "+".join(sha256_file(model_path.with_name(f)) for f in onnx_io.files_of(model_path))  # with its weights
-    key = _calib_key(model_sha, [sha256_file(p) for p in calib_paths], method, pre, tensors + sorted(excluded), smooth)
+    key = _calib_key(model_sha, [sha256_file(p) for p in calib_paths], method, pre, tensors + sorted(excluded),
+                     [smooth, overflow_fix])
     keep_original = report or max_drop is not None  # the per-layer report and the fallback compare with it
     smoothed, stats, thresholds, factors, hit = calibrate(model, targets, excluded, calib, method, smooth, key,
-                                                           recalibrate, in_place=not keep_original)
+                                                           recalibrate, in_place=not keep_original,
+                                                           weight_top=63 if overflow_fix == "all" else 127)
     ranges = {t: [thresholds[t], float(stats[t].lo.min()), float(stats[t].hi.max())] for t in thresholds}
     s_targets = find_targets(smoothed, attention)  # smoothing gave the rescaled weights new names
     levels = weight_levels(smoothed, s_targets, overflow_fix)
@@ -595,7 +636,7 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
                                        and t.node in result.quantized})
     meta.update({"quantization": {"method": method, "scheme": f"activations {scheme}, weights int8 symmetric per channel",
                                   "overflow_fix": overflow_fix, "seven_bit_weights": result.seven_bit_weights,
-                                  "smoothquant_alpha": smooth, "smoothed_layernorms": len(factors),
+                                  "smoothquant": str(smooth), "smoothed_layernorms": len(factors),
                                   "bias_corrected": result.bias_corrected,
                                   "quantized": len(result.quantized), "excluded": result.excluded},
                  "preprocessing": pre.to_dict(), "preprocessing_source": pre_source})
@@ -655,6 +696,6 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
                               "quantized_nodes": len(result.quantized), "excluded_nodes": result.excluded,
                               "agreement": result.agreement, "overflow_fix": overflow_fix,
                               "seven_bit_weights": result.seven_bit_weights,
-                              "smoothquant_alpha": SMOOTH_ALPHA, "smoothed_layernorms": result.smoothed_layernorms,
+                              "smoothquant": "auto", "smoothed_layernorms": result.smoothed_layernorms,
                               "bias_corrected": result.bias_corrected}}
     return tx.add_artifact(entry, onnx_io.files_of(out))

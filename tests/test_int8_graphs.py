@@ -238,3 +238,10 @@ def test_fewer_calibration_images_than_asked_warns_with_the_count(graphs, tmp_pa
                            "--out", tmp_path / "q.onnx")
     assert code == 0, err
     assert "asked for 32" in err and "holds 3" in err
+
+
+def test_report_compares_with_the_untouched_fp32_model(graphs, calib_dir, tmp_path):
+    """Without smoothing the calibrated model is the loaded one: the report must not compare it with itself."""
+    from vit_deploy.quantize import quantize
+    r = quantize(graphs["timm-vit"]["fp32"], calib_dir, tmp_path / "r.onnx", calib_size=8, smooth=None, report=True)
+    assert min(row["rel_error"] for row in r.report if row["quantized"]) > 0

@@ -60,6 +60,9 @@ def session(model: onnx.ModelProto, threads: int | None = None):
 
     from .backends.onnxruntime_backend import session_options
     so = session_options(threads)
+    # No second, pre-packed copy of every weight: calibration runs a few batches, and
+    # for vit-h14 that copy is 2.5 GB of peak memory.
+    so.add_session_config_entry("session.disable_prepacking", "1")
     if onnx_io.initializer_bytes(model) < onnx_io.EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     from onnx.external_data_helper import load_external_data_for_model

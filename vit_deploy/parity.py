@@ -224,6 +224,7 @@ def run_check(bundle: Bundle, images=None, labels_dir=None, backends=None, save_
         from .backends.torch_backend import TorchRunner
         with TorchRunner(model, max_batch=len(ref_inputs), threads=threads) as r:
             ref_logits = np.concatenate([r(ref_inputs[i:i + batch]) for i in range(0, len(ref_inputs), batch)])
+        del model, r  # the artifacts run next: do not hold the PyTorch weights beside them
         inputs = ref_inputs
         reference = "torch"
         if save_golden_to:

@@ -20,6 +20,7 @@ from .targets import PRECISIONS, TARGETS, plan_targets, wants_all
 log = logging.getLogger("vit_deploy")
 __all__ = ["export", "stage_onnx", "build_reference", "Stages", "plan_targets", "wants_all", "TARGETS",
            "PRECISIONS", "SEED"]
+KEEP_REFERENCE_BYTES = 1 << 30  # larger PyTorch references are rebuilt for the check
 
 
 def stage_onnx(tx: Transaction, model, opset: int, simplify: bool, force: bool, stages: Stages) -> dict:
@@ -99,6 +100,11 @@ def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights
         m.setdefault("artifacts", [])
         stage_onnx(tx, net, opset, simplify, force, stages)
         tx.commit()
+        if sum(p.numel() * p.element_size() for p in net.parameters()) > KEEP_REFERENCE_BYTES:
+            # vit-h14 and the like: not kept through quantize and compile (2.5 GB of peak
+            # memory); check rebuilds it from the manifest (same seed, weights hash-checked)
+            del built, net
+            net = None
         if "int8" in precisions:
             from .quantize import stage_quantize
             stage_quantize(tx, calib_dir, calib_size, calib_method, force, stages, overflow_fix=overflow_fix,

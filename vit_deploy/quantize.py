@@ -611,13 +611,13 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
     corrected = [0]
 
     def build(excl: set[str]) -> onnx.ModelProto:
-        # Built once in place; the fallback of --max-drop builds again from an intact copy.
-        base = smoothed if max_drop is None else _copy(smoothed)
+        # In place when built once; the report and the --max-drop fallback need `model`
+        # (which `smoothed` may be) intact, and the fallback builds again.
+        base = _copy(smoothed) if keep_original else smoothed
         if bias_correction:
             corrected[0] = correct_biases(base, [t for t in s_targets if t.node not in excl], stats, levels)
         # bias correction renames the biases it changes, not the weights: targets still hold
-        return insert_qdq(base, [t for t in s_targets if t.node not in excl], ranges, scheme, levels,
-                          in_place=max_drop is None)
+        return insert_qdq(base, [t for t in s_targets if t.node not in excl], ranges, scheme, levels, in_place=True)
 
     qmodel = build(excluded)
     result = QuantResult(out, [], sorted(excluded), method, [p.name for p in calib_paths], [p.name for p in held_paths],

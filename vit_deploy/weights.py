@@ -66,6 +66,8 @@ def _read_torch(path: Path) -> dict:
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from ._optional import require
+    require("safetensors", f"reading {path.name}")
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -246,6 +248,8 @@ def _resolve_hub(name: str) -> Path:
 
 def _hub_download(repo: str) -> str:
     """Fetch a hub repo's weights into huggingface_hub's cache; returns its directory."""
+    from ._optional import require
+    require("huggingface_hub", f"fetching '{repo}' from the hub")
     from huggingface_hub import snapshot_download
     return snapshot_download(repo, allow_patterns=["*.safetensors", "*.json", "*.bin"])
 

@@ -102,15 +102,23 @@ def build_reference(manifest: dict, weights=None):
     recorded = src.get("weights")
     path = weights or (recorded or {}).get("path")
     source = resolve(_recorded_model(src, m))
+    checked = recorded and path and Path(path).is_file()
+    if checked:  # before building: a different file must not get as far as a shape mismatch
+        from ..weights import sha256_file
+        _same_weights(path, sha256_file(path), recorded)
     torch.manual_seed(src.get("seed", SEED))
     built = source.build(m["num_classes"], m["img_size"], path, src.get("options") or {})
-    got = (built.source.get("weights") or {}).get("sha256")
-    if recorded and got != recorded["sha256"]:
-        raise UserError(f"{path}: sha256 differs from the weights the bundle was built from; "
-                        f"pass the original file with --weights")
+    if recorded and not checked:  # a directory or hub name: the file it resolved to
+        _same_weights(path, (built.source.get("weights") or {}).get("sha256"), recorded)
     if src.get("config_sha256") and built.source.get("config_sha256") != src["config_sha256"]:
         raise UserError(f"{src.get('path')}: config.json changed since the bundle was built; export it again")
     return built.module
+
+
+def _same_weights(path, sha256, recorded: dict) -> None:
+    if sha256 != recorded["sha256"]:
+        raise UserError(f"{path}: sha256 differs from the weights the bundle was built from; "
+                        f"pass the original file with --weights")
 
 
 def _recorded_model(src: dict, m: dict) -> str:

@@ -306,3 +306,20 @@ def test_embedding_bundle_bench(embedding_bundle):
     from vit_deploy.bench import bench
     report = bench(embedding_bundle, batches=(1,), iters=2, warmup=1, record=False)
     assert {r["artifact"] for r in report["results"]} >= {"torch-fp32", "onnx-fp32", "openvino-int8"}
+
+
+def test_reference_rebuild_refuses_other_weights_before_building(tmp_path):
+    """check --weights with another file: the recorded sha256 is compared before anything is built,
+    so a file of another shape still gets the sha256 message, not a shape mismatch."""
+    from vit_deploy import build_model, save_weights
+    from vit_deploy.sources import build_reference
+    save_weights(build_model("vit-ti16", num_classes=3, img_size=32), tmp_path / "a.safetensors")
+    save_weights(build_model("vit-s16", num_classes=5, img_size=32), tmp_path / "other.safetensors")
+    torch.manual_seed(SEED)
+    built = resolve("vit-ti16").build(None, None, tmp_path / "a.safetensors", {})
+    manifest = {"model": built.model, "source": {**built.source, "seed": SEED}}
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(build_reference(manifest)(x), built.module(x))
+    with pytest.raises(UserError, match="sha256 differs"):
+        build_reference(manifest, tmp_path / "other.safetensors")

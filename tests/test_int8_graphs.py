@@ -245,3 +245,27 @@ def test_report_compares_with_the_untouched_fp32_model(graphs, calib_dir, tmp_pa
     from vit_deploy.quantize import quantize
     r = quantize(graphs["timm-vit"]["fp32"], calib_dir, tmp_path / "r.onnx", calib_size=8, smooth=None, report=True)
     assert min(row["rel_error"] for row in r.report if row["quantized"]) > 0
+
+
+def test_attention_products_never_pair_minus_128(graphs, calib_dir, tmp_path):
+    """--attention: the second operand of each activation x activation MatMul is clipped to
+    +-127 steps before its QuantizeLinear, so no -128 x -128 product exists (ARM kernels
+    without dot product overflow on it); ORT still runs those MatMuls as INT8 kernels."""
+    from vit_deploy.quantize import quantize
+    g = graphs["hf-vit-op17"]
+    quantize(g["fp32"], calib_dir, tmp_path / "att.onnx", calib_size=8, attention=True)
+    m = onnx.load(str(tmp_path / "att.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    act_products = [n for n in m.graph.node if n.op_type == "MatMul" and all(
+        i in producers and producers[i].op_type == "DequantizeLinear" and producers[i].input[0] not in inits
+        for i in n.input)]
+    assert act_products
+    for n in act_products:
+        q = producers[producers[n.input[1]].input[0]]
+        clip = producers[q.input[0]]
+        assert clip.op_type == "Clip", n.name
+        scale = float(inits[q.input[1]])
+        assert abs(float(inits[clip.input[1]]) + 127 * scale) < 1e-6 * max(1.0, 127 * scale)
+    x = _held_out(g["src"], calib_dir)
+    assert _min_cos(_ort(g["fp32"], x), _ort(tmp_path / "att.onnx", x)) >= 0.99

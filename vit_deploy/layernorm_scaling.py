@@ -108,7 +108,7 @@ def _reader_weight(model, node, tensor, inits, producers, width):
 def _set(model, ref: tuple[str, int], value: np.ndarray, tag: str) -> None:
     """Give the input `ref` a new initializer of its own (the old one may be shared)."""
     node = next(n for n in model.graph.node if n.name == ref[0])
-    name = f"{node.input[ref[1]]}_{tag}"
+    name = f"{node.name}_{ref[1]}_{tag}"  # per node and input: the old initializer may be shared
     model.graph.initializer.append(numpy_helper.from_array(value, name))
     node.input[ref[1]] = name
 

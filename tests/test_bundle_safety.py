@@ -517,3 +517,19 @@ def test_no_write_through_a_folder_that_links_out(tiny, tmp_path):
     assert_one_line_error(code, err, "openvino", "outside the bundle")
     assert not any(elsewhere.iterdir())
     assert invoke("info", d)[0] == 0  # and the bundle is as it was
+
+
+def test_artifact_whose_content_is_not_a_model_is_one_line(tiny, tmp_path):
+    """The hash matches (the manifest was edited to agree), but the bytes are not a model:
+    the runtime's load error becomes one line naming the file, exit 2."""
+    from vit_deploy.weights import sha256_file
+    d = copy_tiny(tiny, tmp_path / "b")
+    m = _manifest(d)
+    art = next(a for a in m["artifacts"] if a["backend"] == "onnxruntime" and a["precision"] == "fp32")
+    (d / art["path"]).write_bytes(b"this is not an ONNX model\n" * 8)
+    digest = sha256_file(d / art["path"])
+    art["sha256"] = digest
+    art["files"] = {k: (digest if k == art["path"] else v) for k, v in art["files"].items()}
+    _write_manifest(d, m)
+    code, _, err = run_cli("predict", d, IMAGE, "--backend", "onnxruntime-fp32")
+    assert_one_line_error(code, err, art["path"].split("/")[-1], "could not load")

@@ -627,12 +627,15 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
     excluded = default_exclusions(model, targets)
     for pattern in exclude:
         excluded |= {t.node for t in targets if fnmatch.fnmatch(t.node, pattern)}
-    tensors = list(dict.fromkeys(t.activation for t in targets))
+    # Statistics only where Q/DQ goes: excluded products never come back (the --max-drop
+    # fallback only excludes more), and a hybrid's float backbone maps are most of the bytes.
+    chosen = [t for t in targets if t.node not in excluded]
+    tensors = list(dict.fromkeys(t.activation for t in chosen))
     model_sha = "+".join(sha256_file(model_path.with_name(f)) for f in onnx_io.files_of(model_path))  # with its weights
     key = _calib_key(model_sha, [sha256_file(p) for p in calib_paths], method, pre, tensors + sorted(excluded),
                      [smooth, overflow_fix])
     keep_original = report or max_drop is not None  # the per-layer report and the fallback compare with it
-    smoothed, stats, thresholds, factors, hit = calibrate(model, targets, excluded, calib, method, smooth, key,
+    smoothed, stats, thresholds, factors, hit = calibrate(model, chosen, excluded, calib, method, smooth, key,
                                                            recalibrate, in_place=not keep_original,
                                                            weight_top=63 if overflow_fix == "all" else 127)
     ranges = {t: [thresholds[t], float(stats[t].lo.min()), float(stats[t].hi.max())] for t in thresholds}

@@ -29,11 +29,11 @@ def test_model_is_really_trained(results):
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_int8_within_0_3_points_and_99_percent_agreement(results, runtime):
+def test_int8_within_0_3_points_and_99_5_percent_agreement(results, runtime):
     fp32, int8 = results[f"{runtime}-fp32"], results[f"{runtime}-int8"]
     assert abs(fp32["top1"] - results["torch-fp32"]["top1"]) < 1e-3
     assert int8["top1"] >= fp32["top1"] - 0.003, (fp32, int8)
-    assert int8["agreement_with_fp32"] >= 0.99, int8
+    assert int8["agreement_with_fp32"] >= 0.995, int8  # measured 99.84-99.90 % (AVX2 and VNNI machines)
 
 
 def test_fp16_agreement(results):

@@ -404,11 +404,18 @@ def apply_checkpoint(model, ckpt: Checkpoint) -> None:
         if k not in sd:
             raise UserError(f"{ckpt.path}: weights do not fit {name}: tensor '{k}' {list(v.shape)} is missing "
                             f"from the {ckpt.layout} checkpoint")
+    load_checked(model, sd, target, f"{ckpt.path}: weights do not fit {name}")
+
+
+def load_checked(model, sd: dict, target: dict, where: str) -> None:
+    """Load `sd` (every tensor of `target` present) into `model` after checking shapes and
+    extra tensors; a mismatch is one line starting with `where`."""
+    for k, v in target.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise UserError(f"{ckpt.path}: weights do not fit {name}: tensor '{k}' has shape "
-                            f"{list(sd[k].shape)} in the checkpoint, {list(v.shape)} in the model")
+            raise UserError(f"{where}: tensor '{k}' has shape {list(sd[k].shape)} in the checkpoint, "
+                            f"{list(v.shape)} in the model")
     extra = [k for k in sd if k not in target]
     if extra:
-        raise UserError(f"{ckpt.path}: weights do not fit {name}: unexpected tensor '{extra[0]}' "
-                        f"{list(sd[extra[0]].shape)} (and {len(extra) - 1} more)")
+        raise UserError(f"{where}: unexpected tensor '{extra[0]}' {list(sd[extra[0]].shape)} "
+                        f"(and {len(extra) - 1} more)")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)

@@ -137,15 +137,8 @@ def _load(net, tensors, classifier: tuple[str, ...], name: str) -> None:
             [t for t in target if any(t.startswith(c + ".") for c in classifier)] else ""
         raise UserError(f"{tensors.path}: weights do not fit timm:{name}: tensor '{k}' {list(target[k].shape)} "
                         f"is missing{why}")
-    for k, v in target.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise UserError(f"{tensors.path}: weights do not fit timm:{name}: tensor '{k}' has shape "
-                            f"{list(sd[k].shape)} in the checkpoint, {list(v.shape)} in the model")
-    extra = [k for k in sd if k not in target]
-    if extra:
-        raise UserError(f"{tensors.path}: weights do not fit timm:{name}: unexpected tensor '{extra[0]}' "
-                        f"{list(sd[extra[0]].shape)} (and {len(extra) - 1} more)")
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    from ..weights import load_checked
+    load_checked(net, sd, target, f"{tensors.path}: weights do not fit timm:{name}")
 
 
 def fold_std_conv(net) -> int:

@@ -99,7 +99,7 @@ def test_every_quantized_product_runs_as_an_int8_kernel(graphs, kind, tmp_path):
     """ONNX Runtime: no float MatMul/Gemm fed by a weight DequantizeLinear in the optimized
     model (the separate q/k/v projections of HF exports were); OpenVINO: the quantized
     products execute in i8/u8."""
-    from vit_deploy.backends.onnxruntime_backend import OrtRunner, compile as ort_compile
+    from vit_deploy.backends.onnxruntime_backend import compile as ort_compile
     g = graphs[kind]
     ort_compile(g["int8"], tmp_path / "m.ort.onnx", "int8", {})
     import onnxruntime as ort
@@ -125,8 +125,7 @@ def test_every_quantized_product_runs_as_an_int8_kernel(graphs, kind, tmp_path):
         ri = op.get_rt_info()
         if "layerType" in ri and ri["layerType"].astype(str) in ("FullyConnected", "MatMul"):
             precisions[ri["runtimePrecision"].astype(str)] += 1
-    assert precisions["i8"] + precisions["u8"] >= quantized_matmuls - precisions["f32"] * 0, precisions
-    assert precisions["i8"] + precisions["u8"] >= len([q for q in g["result"].quantized]) - 1, precisions
+    assert precisions["i8"] + precisions["u8"] >= quantized_matmuls, precisions
 
 
 def _calib():

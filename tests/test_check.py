@@ -149,3 +149,22 @@ def test_thresholds_override_and_store(ti_bundle, tmp_path):
     assert code == 1 and "0.99999" in err
     code, _, err = run_cli("check", d, "--set", "int9.cosine=1")
     assert_one_line_error(code, err, "unknown threshold")
+
+
+def test_each_runner_is_released_before_the_next_opens(ti_bundle, monkeypatch):
+    """vit-h14's check peaked at 10 GB while the OpenVINO FP32 runner (5 GB) was still held
+    as the next one opened: each runner must drop its runtime objects first."""
+    import vit_deploy.backends as backends
+    from vit_deploy.parity import check
+    opened, real_open = [], backends.open_runner
+
+    def held(runner):
+        return [k for k in ("session", "compiled", "request", "model") if getattr(runner, k, None) is not None]
+
+    def recording_open(bundle, artifact, **kw):
+        assert not [(r.name, held(r)) for r in opened if held(r)]  # every earlier runner released
+        opened.append(real_open(bundle, artifact, **kw))
+        return opened[-1]
+    monkeypatch.setattr(backends, "open_runner", recording_open)
+    check(ti_bundle)
+    assert len(opened) >= 6 and not [r.name for r in opened if held(r)]

@@ -42,11 +42,13 @@ def test_recipe_symmetric_per_channel_and_what_stays_float(tiny, calib_dir, tmp_
     quantized = [n for n in m.graph.node if n.op_type in ("MatMul", "Conv", "Gemm")
                  and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input[:2])]
     assert any(n.op_type == "Conv" for n in quantized)
-    assert len(quantized) == len(r.quantized) == 4 * 12 + 1
+    # 4 weight products per block and the patch Conv, and the 2 attention products per block
+    assert len(quantized) == len(r.quantized) == 4 * 12 + 1 + 2 * 12 and r.attention_products == 2 * 12
     # ... with per-channel weight scales
     for n in quantized:
         dq = producers[n.input[1]]
-        assert inits[dq.input[0]].dtype == np.int8 and inits[dq.input[1]].ndim == 1 and inits[dq.input[1]].size > 1
+        if dq.input[0] in inits:
+            assert inits[dq.input[0]].dtype == np.int8 and inits[dq.input[1]].ndim == 1 and inits[dq.input[1]].size > 1
     # LayerNorm, Softmax, GELU (Erf), residual Adds and the head stay float
     for n in m.graph.node:
         if n.op_type in ("LayerNormalization", "Softmax", "Erf", "Add"):
@@ -201,6 +203,50 @@ def test_model_over_2gb_quantizes_and_compiles(tmp_path, monkeypatch):
         assert r["passed"] and r["min_cosine"] >= 0.99, (name, r)
 
 
+def test_weights_on_disk_give_the_same_int8_model(tiny, calib_dir, tmp_path, monkeypatch):
+    """A model with external weights is quantized one tensor at a time from its data file
+    (onnx_io.load_lazy / spill_weights, vit-h14's memory); the result must be the very
+    model the in-memory path makes, and the scratch folder must be gone afterwards."""
+    import tempfile
+
+    import vit_deploy.onnx_io as io
+    monkeypatch.setattr(io, "SPILL_BYTES", 1024)  # spill every new weight of the tiny model
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    ext = tmp_path / "ext" / "model.onnx"
+    ext.parent.mkdir()
+    assert io.save(io.load(tiny), ext, external=True) == ["model.onnx", "model.onnx.data"]
+    quantize(tiny, calib_dir, tmp_path / "inline.int8.onnx", calib_size=8)
+    quantize(ext, calib_dir, tmp_path / "ext.int8.onnx", calib_size=8)
+    a, b = (onnx.load(str(tmp_path / f"{k}.int8.onnx")) for k in ("inline", "ext"))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    wa = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert wa.keys() == wb.keys()
+    for name, value in wa.items():
+        np.testing.assert_array_equal(value, wb[name], err_msg=name)
+    assert not list((tmp_path / "tmp").iterdir())  # scratch weights and temporary models removed
+
+
+def test_lazy_model_refuses_data_outside_its_folder(tiny, tmp_path):
+    """A foreign model whose external data points out of its folder is refused, not read."""
+    import vit_deploy.onnx_io as io
+    (tmp_path / "a").mkdir()
+    io.save(io.load(tiny), tmp_path / "a" / "model.onnx", external=True)
+    light = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False)
+    for t in light.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../model.onnx.data"
+    (tmp_path / "b").mkdir()
+    onnx.save(light, str(tmp_path / "b" / "model.onnx"))
+    shutil.copy(tmp_path / "a" / "model.onnx.data", tmp_path / "model.onnx.data")
+    with pytest.raises(ValueError, match="outside"):
+        io.load_lazy(tmp_path / "b" / "model.onnx")
+    with pytest.raises(UserError, match="not a readable ONNX model"):
+        quantize(tmp_path / "b" / "model.onnx", tmp_path, tmp_path / "q.onnx", preset="imagenet")
+
+
 def _saturated_pairs(u8: np.ndarray, w: np.ndarray) -> int:
     """VPMADDUBSW (x86 without VNNI): u8 x s8 products added in pairs into a saturating int16.
     Counts the pairs that would saturate, for activations u8 [n, k] and weights w [m, k]."""
@@ -222,7 +268,8 @@ def test_overflow_fix_keeps_int16_pairs_from_saturating(tiny, calib_dir, tmp_pat
     weights = {k[:-len("_int8")]: v for k, v in inits.items() if k.endswith("_int8")}
     tops = {k: int(np.abs(v).max()) for k, v in weights.items()}
     patch = next(k for k in weights if "patch_embed" in k)
-    assert len(r.seven_bit_weights) == {"off": 0, "first-layer": 1, "all": len(r.quantized)}[fix]
+    weight_products = len(r.quantized) - r.attention_products
+    assert len(r.seven_bit_weights) == {"off": 0, "first-layer": 1, "all": weight_products}[fix]
     assert tops[patch] == (127 if fix == "off" else 63)
     assert all(t == (63 if fix == "all" else 127) for k, t in tops.items() if k != patch)
     # The patch Conv on real photos: symmetric int8 activations shifted to uint8, as the CPU does.

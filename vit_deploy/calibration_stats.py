@@ -63,12 +63,12 @@ def session(model: onnx.ModelProto, threads: int | None = None):
     # No second, pre-packed copy of every weight: calibration runs a few batches, and
     # for vit-h14 that copy is 2.5 GB of peak memory.
     so.add_session_config_entry("session.disable_prepacking", "1")
-    if onnx_io.initializer_bytes(model) < onnx_io.EXTERNAL_THRESHOLD:
+    if not onnx_io.has_external(model) and onnx_io.initializer_bytes(model) < onnx_io.EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="vit-deploy-") as tmp:
-        # Saved from a copy that is freed at once: saving moves the weights out of the
-        # message it saves, and protobuf keeps a message's memory until the whole message
-        # goes, so moving them out of `model` and back would grow it by 2.5 GB per session.
+        # Saved from a copy: saving moves the weights out of the message it saves. A model
+        # held lazily (onnx_io.load_lazy) copies without its weights, which are streamed
+        # from their files into the temporary one; ONNX Runtime maps that file.
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         onnx_io.save(copy, Path(tmp) / "model.onnx", external=True)

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from .onnx_io import drop_unused_initializers, graph_index
+from .onnx_io import array, drop_unused_initializers, graph_index, tensor
 
 
 @dataclass
@@ -31,11 +30,22 @@ class LayerNormGroup:
     readers: list[tuple[str, int]]    # (node name, input index) of each reading weight [in, out]
 
 
-def _constant(model, name: str, inits: dict, producers: dict) -> np.ndarray | None:
-    """An initializer's value, following Identity nodes (torch dedupes equal tensors that way)."""
+def _initializer(name: str, inits: dict, producers: dict):
+    """The initializer behind `name`, following Identity nodes (torch dedupes equal tensors that way)."""
     while name not in inits and name in producers and producers[name].op_type == "Identity":
         name = producers[name].input[0]
-    return numpy_helper.to_array(inits[name]) if name in inits else None
+    return inits.get(name)
+
+
+def _constant(model, name: str, inits: dict, producers: dict) -> np.ndarray | None:
+    t = _initializer(name, inits, producers)
+    return None if t is None else array(t)
+
+
+def _dims(name: str, inits: dict, producers: dict) -> tuple | None:
+    """A constant's shape without reading it (a weight may be in a data file: onnx_io.load_lazy)."""
+    t = _initializer(name, inits, producers)
+    return None if t is None else tuple(t.dims)
 
 
 def find_groups(model: onnx.ModelProto) -> list[LayerNormGroup]:
@@ -93,14 +103,14 @@ def _layernorm_end(model, n, inits, producers):
 
 def _reader_weight(model, node, tensor, inits, producers, width):
     if node.op_type == "MatMul" and node.input[0] == tensor:
-        w = _constant(model, node.input[1], inits, producers)
-        if w is not None and w.ndim == 2 and w.shape[0] == width:
+        dims = _dims(node.input[1], inits, producers)
+        if dims is not None and len(dims) == 2 and dims[0] == width:
             return (node.name, 1)
     if node.op_type == "Gemm" and node.input[0] == tensor:
         attrs = {a.name: a.i for a in node.attribute}
-        w = _constant(model, node.input[1], inits, producers)
-        if attrs.get("transA", 0) == 0 and w is not None and w.ndim == 2:
-            if w.shape[1 if attrs.get("transB", 0) else 0] == width:
+        dims = _dims(node.input[1], inits, producers)
+        if attrs.get("transA", 0) == 0 and dims is not None and len(dims) == 2:
+            if dims[1 if attrs.get("transB", 0) else 0] == width:
                 return (node.name, 1)
     return None
 
@@ -109,7 +119,7 @@ def _set(model, ref: tuple[str, int], value: np.ndarray, tag: str) -> None:
     """Give the input `ref` a new initializer of its own (the old one may be shared)."""
     node = next(n for n in model.graph.node if n.name == ref[0])
     name = f"{node.name}_{ref[1]}_{tag}"  # per node and input: the old initializer may be shared
-    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    model.graph.initializer.append(tensor(value, name))
     node.input[ref[1]] = name
 
 

@@ -2,44 +2,163 @@
 
 A model whose weights pass ~1.8 GB is saved with all tensors in one
 `<name>.data` file beside it (torch's exporter writes one file per tensor).
+
+Such a model is worked on without its weights in memory: `load_lazy` leaves each
+tensor in its data file (the reference made absolute), `array` reads one when it is
+needed, `tensor` puts a new large one in a scratch file while `spill_weights` is
+active, and `save` streams them all into the saved model's own data file. Protobuf
+keeps a message's memory until the whole message goes, so vit-h14's 2.5 GB of
+weights held in the message and rewritten twice (smoothing, then int8) cost three
+times their size; read and written one tensor at a time they cost one tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 EXTERNAL_THRESHOLD = 1_800_000_000  # bytes of initializers; protobuf stops at 2 GiB
 META_PREFIX = "vit_deploy."
 
 
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """An initializer's size, in memory or not."""
+    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    total = 0
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
+
+
+SPILL_BYTES = 1 << 20  # inside spill_weights, new tensors this large go to a scratch file
+ALIGN = 4096          # data-file offsets: page-aligned, so runtimes can map the weights
+_spill_dirs: list[str] = []
+
+
+def _external(t: onnx.TensorProto) -> dict:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(field)
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        t.external_data.add(key=k, value=v)
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def load_lazy(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model with every external tensor left in its data file (see the module docstring).
+    A reference that leaves the model's folder is refused."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    base = path.resolve().parent
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int(next((e.value for e in t.external_data if e.key == "length"), 0))
-        else:
-            n = 1
-            for d in t.dims:
-                n *= d
-            total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
+            info = _external(t)
+            where = (base / info.get("location", "")).resolve()
+            if where.parent != base or not where.is_file():
+                raise ValueError(f"tensor '{t.name}' points outside the model's folder or at a missing file")
+            _set_external(t, str(where), int(info.get("offset", 0)), int(info.get("length", 0)))
+    return model
+
+
+def array(t: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value, read from its file when it is external (load_lazy, tensor)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = _external(t)
+    if not os.path.isabs(info["location"]):
+        raise ValueError(f"tensor '{t.name}': external data not resolved (load the model with load_lazy)")
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    count = int(np.prod(t.dims, dtype=np.int64))
+    with open(info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return np.fromfile(f, dtype=dtype, count=count).astype(dtype.newbyteorder("="), copy=False).reshape(tuple(t.dims))
+
+
+def tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
+    """numpy -> initializer; inside `spill_weights` a large one lives in a scratch file."""
+    if not _spill_dirs or value.nbytes < SPILL_BYTES:
+        return numpy_helper.from_array(value, name)
+    value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+    where = os.path.join(_spill_dirs[-1], uuid.uuid4().hex)
+    value.tofile(where)
+    t = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(value.dtype.newbyteorder("=")))
+    t.dims.extend(value.shape)
+    _set_external(t, where, 0, value.nbytes)
+    return t
+
+
+@contextlib.contextmanager
+def spill_weights(enabled: bool = True):
+    """While active, `tensor` writes large new initializers to a scratch folder, removed on exit:
+    a model built inside must be saved inside."""
+    if not enabled:
+        yield
+        return
+    d = tempfile.mkdtemp(prefix="vit-deploy-weights-")
+    _spill_dirs.append(d)
+    try:
+        yield
+    finally:
+        _spill_dirs.remove(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _bytes_of(t: onnx.TensorProto) -> bytes:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        value = array(t)
+        return value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+
+
+def _write_data_file(model: onnx.ModelProto, data: Path) -> None:
+    """Every initializer of 1 KB or more into `data`, one at a time, the model pointing at it.
+    Moves the weights out of `model` (as onnx's own writer does)."""
+    with open(data, "wb") as f:
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL and tensor_bytes(t) < 1024:
+                continue
+            blob = _bytes_of(t)
+            offset = -(-f.tell() // ALIGN) * ALIGN
+            f.seek(offset)
+            f.write(blob)
+            _set_external(t, data.name, offset, len(blob))
+            del blob
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> list[str]:
-    """Save `model`; returns the file names written (the model first, then its data file)."""
+    """Save `model`; returns the file names written (the model first, then its data file).
+    With `external`, the weights are moved out of `model` into the data file."""
     path = Path(path)
     if external is None:
         external = initializer_bytes(model) > EXTERNAL_THRESHOLD
     data = path.with_name(path.name + ".data")
     if data.exists():
-        data.unlink()  # onnx appends to an existing data file
+        data.unlink()
     if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        _write_data_file(model, data)
+        onnx.save_model(model, str(path))
         return [path.name, data.name]
+    for t in model.graph.initializer:  # weights held lazily come back into the message, to be saved inline
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.CopyFrom(numpy_helper.from_array(array(t), t.name))
     onnx.save_model(model, str(path))
     return [path.name]
 

@@ -58,7 +58,7 @@ log = logging.getLogger("vit_deploy")
 METHODS = cs.METHODS
 SCHEMES = ("symmetric", "asymmetric")
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-RECIPE = "mse-smoothquant-auto-biascorr-v2"  # in the stage's cache key: a new recipe rebuilds old bundles
+RECIPE = "mse-smoothquant-auto-biascorr-attention-v3"  # in the stage's cache key: a new recipe rebuilds old bundles
 SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
 
 
@@ -97,6 +97,7 @@ class QuantResult:
     preprocessing_source: str = ""
     smoothed_layernorms: int = 0
     bias_corrected: int = 0
+    attention_products: int = 0  # activation x activation MatMuls quantized
 
 
 def _initializers(model) -> dict:
@@ -318,7 +319,7 @@ def correct_biases(model: onnx.ModelProto, targets: list[QTarget], stats: dict, 
             continue
         ref = _bias_ref(model, nodes[t.node], consumers, inits)
         mean = stats[t.activation].mean
-        w = numpy_helper.to_array(inits[t.weight]).astype(np.float64)
+        w = onnx_io.array(inits[t.weight]).astype(np.float64)
         q, scale = quantize_weight(w.astype(np.float32), t.axis, levels.get(t.weight, 127))
         shape = [1] * w.ndim
         shape[t.axis] = -1
@@ -338,7 +339,7 @@ def correct_biases(model: onnx.ModelProto, targets: list[QTarget], stats: dict, 
                 continue
             shift = mean @ dw
         node, idx = ref
-        bias = numpy_helper.to_array(inits[node.input[idx]]).astype(np.float64)
+        bias = onnx_io.array(inits[node.input[idx]]).astype(np.float64)
         if bias.shape != shift.shape:
             continue
         name = f"{_safe(node.name)}_{idx}_bias_corrected"  # per node: one bias may be shared by several
@@ -365,27 +366,32 @@ def _qdq_pair(graph_nodes, init_list, tensor: str, scale: np.ndarray, axis: int 
     return dq
 
 
-def _clip_to_127(graph_nodes, init_list, tensor: str, scale: float, tag: str) -> str:
-    """Clip(x, -127 s, 127 s) before the second operand of an activation x activation product
-    (`--attention`): with both operands able to reach -128, a -128 x -128 pair overflows the
-    16-bit sums of ARM INT8 kernels without dot product (ONNX Runtime gave -65 for +65 on an
-    emulated Cortex-A72). One operand within +-127 is enough."""
+def _clip_operand(graph_nodes, init_list, tensor: str, scale: float, levels: int, tag: str) -> str:
+    """Clip(x, -levels s, levels s) before the second operand of an activation x activation
+    product (the attention MatMuls). QuantizeLinear alone reaches -128 and, with a 7-bit
+    scale, +-127 steps; the CPU kernels take this operand as their signed "weight" side:
+    - with both operands able to reach -128, a -128 x -128 pair overflows the 16-bit sums
+      of ARM INT8 kernels without dot product (ONNX Runtime gave -65 for +65 on an emulated
+      Cortex-A72): +-127 is enough there;
+    - x86 without VNNI adds pairs of u8 x s8 products into a saturating int16, as for the
+      weights (the overflow fix): under it this operand gets 7 bits, +-63."""
     lo, hi = f"{tag}_clip_min", f"{tag}_clip_max"
-    init_list += [numpy_helper.from_array(np.array(-127 * scale, np.float32), lo),
-                  numpy_helper.from_array(np.array(127 * scale, np.float32), hi)]
+    init_list += [numpy_helper.from_array(np.array(-levels * scale, np.float32), lo),
+                  numpy_helper.from_array(np.array(levels * scale, np.float32), hi)]
     out = f"{tag}_clipped"
-    graph_nodes.append(helper.make_node("Clip", [tensor, lo, hi], [out], name=f"{tag}_Clip127"))
+    graph_nodes.append(helper.make_node("Clip", [tensor, lo, hi], [out], name=f"{tag}_ClipOperand"))
     return out
 
 
-def activation_qparams(clip: float, lo: float, hi: float, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+def activation_qparams(clip: float, lo: float, hi: float, scheme: str,
+                       levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point of one activation tensor.
 
-    symmetric: int8, zero point 0, range [-clip, clip] (what TensorRT requires).
+    symmetric: int8, zero point 0, range [-clip, clip] on +-levels steps (what TensorRT requires).
     asymmetric: uint8 over [max(min, -clip), min(max, clip)], so a one-sided
     tensor (GELU's output) gets all 256 levels; CPU runtimes only."""
     if scheme == "symmetric":
-        return np.array(max(clip, 1e-8) / 127.0, np.float32), np.array(0, np.int8)
+        return np.array(max(clip, 1e-8) / levels, np.float32), np.array(0, np.int8)
     lo_c, hi_c = min(max(lo, -clip), 0.0), max(min(hi, clip), 0.0)
     scale = max(hi_c - lo_c, 1e-8) / 255.0
     zp = int(np.clip(np.round(-lo_c / scale), 0, 255))
@@ -421,9 +427,10 @@ def weight_levels(model: onnx.ModelProto, targets: list[QTarget], overflow_fix: 
 
 def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str, list[float]],
                scheme: str = "symmetric", levels: dict[str, int] | None = None,
-               in_place: bool = False) -> onnx.ModelProto:
+               in_place: bool = False, operand_levels: int = 127) -> onnx.ModelProto:
     """Q/DQ on each target's activation (per tensor) and weight (per channel, int8, symmetric;
-    `levels` caps some weights at +-63, see the overflow fix above)."""
+    `levels` caps some weights at +-63, see the overflow fix above; `operand_levels` does the
+    same for the second operand of activation x activation products, see _clip_operand)."""
     inits = _initializers(model)
     new_nodes, new_inits = [], []
     act_dq: dict[str, str] = {}
@@ -431,19 +438,20 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
     rewire: dict[tuple[str, int], str] = {}
     for t in targets:
         if t.activation not in act_dq:
-            scale, zp = activation_qparams(*ranges[t.activation], scheme)
+            second = t.weight is None and t.input_index == 1 and scheme == "symmetric"
+            scale, zp = activation_qparams(*ranges[t.activation], scheme, operand_levels if second else 127)
             src = t.activation
-            if t.weight is None and t.input_index == 1 and scheme == "symmetric":
-                src = _clip_to_127(new_nodes, new_inits, src, float(scale), _safe(src))
+            if second:
+                src = _clip_operand(new_nodes, new_inits, src, float(scale), operand_levels, _safe(src))
             act_dq[t.activation] = _qdq_pair(new_nodes, new_inits, src, scale, None, _safe(t.activation), zp)
         rewire[(t.node, t.input_index)] = act_dq[t.activation]
         if t.weight is not None:
             if t.weight not in weight_dq:
-                w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
+                w = onnx_io.array(inits[t.weight]).astype(np.float32)
                 q, scale = quantize_weight(w, t.axis, (levels or {}).get(t.weight, 127))
                 tag = _safe(t.weight)
                 qname, s_name, z_name = f"{tag}_int8", f"{tag}_scale", f"{tag}_zero_point"
-                new_inits += [numpy_helper.from_array(q, qname),
+                new_inits += [onnx_io.tensor(q, qname),
                               numpy_helper.from_array(scale, s_name),
                               numpy_helper.from_array(np.zeros(scale.shape, np.int8), z_name)]
                 dq = f"{tag}_dequantized"
@@ -591,12 +599,10 @@ def calibrate(model, targets, excluded, calib, method: str, smooth, cache_key: s
 
 def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), calib_size: int = 32,
              max_drop: float | None = None, img_size=None, mean=None, std=None, preset: str | None = None,
-             attention: bool = False, report: bool = False, recalibrate: bool = False, scheme: str = "symmetric",
+             attention: bool = True, report: bool = False, recalibrate: bool = False, scheme: str = "symmetric",
              overflow_fix: str = "auto", smooth="auto",
              bias_correction: bool = True) -> QuantResult:
     """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring)."""
-    from .weights import sha256_file
-
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserError(f"model not found: {model_path}")
@@ -610,9 +616,24 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
         raise UserError(f"--smooth must be 'auto' or a number between 0 and 1 (exclusive), got {smooth}")
     overflow_fix = resolve_overflow_fix(overflow_fix)  # the manifest records what was done, never "auto"
     try:
-        model = onnx_io.load(model_path)
+        model = onnx_io.load_lazy(model_path)  # weights stay in their file: see onnx_io
     except Exception as e:
         raise UserError(f"{model_path}: not a readable ONNX model ({type(e).__name__})") from None
+    # A model with external weights (vit-h14) keeps them on disk throughout: each tensor
+    # is read, rewritten and written on its own, so memory holds one at a time.
+    with onnx_io.spill_weights(onnx_io.has_external(model)):
+        return _quantize_loaded(model, model_path, calib_dir, out, method=method, exclude=exclude,
+                                calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=mean, std=std,
+                                preset=preset, attention=attention, report=report, recalibrate=recalibrate,
+                                scheme=scheme, overflow_fix=overflow_fix, smooth=smooth,
+                                bias_correction=bias_correction)
+
+
+def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude, calib_size, max_drop, img_size,
+                     mean, std, preset, attention, report, recalibrate, scheme, overflow_fix, smooth,
+                     bias_correction) -> QuantResult:
+    from .weights import sha256_file
+
     pre, pre_source = preprocessing_of(model, model_path, img_size, mean, std, preset)
     targets = find_targets(model, attention)
     if not any(t.weight is not None for t in targets):
@@ -650,7 +671,8 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
         if bias_correction:
             corrected[0] = correct_biases(base, [t for t in s_targets if t.node not in excl], stats, levels)
         # bias correction renames the biases it changes, not the weights: targets still hold
-        return insert_qdq(base, [t for t in s_targets if t.node not in excl], ranges, scheme, levels, in_place=True)
+        return insert_qdq(base, [t for t in s_targets if t.node not in excl], ranges, scheme, levels, in_place=True,
+                          operand_levels=63 if overflow_fix == "all" else 127)
 
     qmodel = build(excluded)
     result = QuantResult(out, [], sorted(excluded), method, [p.name for p in calib_paths], [p.name for p in held_paths],
@@ -663,6 +685,7 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
                                      pre, max_drop, result)
     result.bias_corrected = corrected[0]
     result.quantized = sorted({t.node for t in targets} - excluded)
+    result.attention_products = len({t.node for t in targets if t.weight is None} - excluded)
     result.excluded = sorted(excluded)
     meta = onnx_io.get_metadata(qmodel)
     result.seven_bit_weights = sorted({t.weight for t in s_targets if t.weight in levels
@@ -671,6 +694,7 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
                                   "overflow_fix": overflow_fix, "seven_bit_weights": result.seven_bit_weights,
                                   "smoothquant": str(smooth), "smoothed_layernorms": len(factors),
                                   "bias_corrected": result.bias_corrected,
+                                  "attention_products": result.attention_products,
                                   "quantized": len(result.quantized), "excluded": result.excluded},
                  "preprocessing": pre.to_dict(), "preprocessing_source": pre_source})
     onnx_io.set_metadata(qmodel, meta)
@@ -730,5 +754,6 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
                               "agreement": result.agreement, "overflow_fix": overflow_fix,
                               "seven_bit_weights": result.seven_bit_weights,
                               "smoothquant": "auto", "smoothed_layernorms": result.smoothed_layernorms,
-                              "bias_corrected": result.bias_corrected}}
+                              "bias_corrected": result.bias_corrected,
+                              "attention_products": result.attention_products}}
     return tx.add_artifact(entry, onnx_io.files_of(out))

@@ -80,7 +80,11 @@ class Runner:
         return self
 
     def __exit__(self, *exc):
+        # Release the runtime's weights now, not when the name is rebound: a check opens
+        # one artifact after another, and vit-h14's FP32 runners hold 2.5-5 GB each.
         self.close()
+        from ..stages import release_memory
+        release_memory()
 
 
 def open_runner(bundle, artifact: dict, threads: int | None = None, device: str | None = None) -> Runner:

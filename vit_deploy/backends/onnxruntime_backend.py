@@ -79,6 +79,9 @@ class OrtRunner(Runner):
     def infer(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: images})[0]
 
+    def close(self) -> None:
+        self.session = None
+
 
 def open(path: Path, artifact: dict, options: dict) -> Runner:
     r = OrtRunner(path, options["max_batch"], options["img_size"], options.get("threads"))

@@ -131,6 +131,10 @@ class OvRunner(Runner):
         result = request.infer({0: images})
         return np.array(result[compiled.outputs[0]], dtype=np.float32, copy=True)
 
+    def close(self) -> None:
+        self.compiled = self.request = self.model = None
+        self.by_batch.clear()
+
 
 def open(path: Path, artifact: dict, options: dict) -> Runner:
     device = options.get("device") or artifact.get("device") or "CPU"

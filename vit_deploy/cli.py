@@ -160,7 +160,9 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
 @click.option("--no-smooth", is_flag=True, help="No outlier migration.")
 @click.option("--no-bias-correction", is_flag=True, help="Keep the biases as they are.")
 @click.option("--exclude", multiple=True, help="Keep nodes matching this glob in float (repeatable).")
-@click.option("--attention", is_flag=True, help="Also quantize the attention MatMuls (activation x activation).")
+@click.option("--attention/--no-attention", default=True, show_default=True,
+              help="Quantize the attention MatMuls (activation x activation) too. ONNX Runtime's compiled "
+                   "artifact runs them in float either way (faster there).")
 @click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric", show_default=True,
               help="Activations: symmetric int8 (every runtime, TensorRT included) or asymmetric uint8 (CPU runtimes only).")
 @click.option("--max-drop", type=float, default=None, help="Return layers to float until top-1 agreement >= 1 - X.")

@@ -44,7 +44,8 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
                      f"{q['quantized_nodes']} matrix products, weights {bits} (overflow fix {q.get('overflow_fix', 'off')})")
         if q.get("smoothquant") is not None:
             lines.append(f"           outliers migrated at {q.get('smoothed_layernorms', 0)} LayerNorm(s) "
-                         f"(SmoothQuant {q['smoothquant']}), {q.get('bias_corrected', 0)} bias(es) corrected")
+                         f"(SmoothQuant {q['smoothquant']}), {q.get('bias_corrected', 0)} bias(es) corrected, "
+                         f"{q.get('attention_products', 0)} attention product(s) in INT8")
     for s in manifest.get("skipped_targets") or []:
         lines.append(f"  skipped {s['runtime']}: {s['reason']}")
     p = manifest.get("parity")

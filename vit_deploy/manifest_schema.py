@@ -170,7 +170,7 @@ QUANTIZATION = record(
     optional={"scheme": _text, "excluded_nodes": list_of(_text), "agreement": nullable(number(0, 1)),
               "overflow_fix": _name, "seven_bit_weights": list_of(_text),
               "smoothquant": _name, "smoothed_layernorms": integer(0, MAX_LIST),
-              "bias_corrected": integer(0, MAX_LIST)})
+              "bias_corrected": integer(0, MAX_LIST), "attention_products": integer(0, MAX_LIST)})
 
 ARTIFACT = record(
     required={"backend": string(ARTIFACT_BACKENDS), "precision": string(PRECISIONS), "path": rel_path,

@@ -66,7 +66,7 @@ def load_lazy(path: str | os.PathLike) -> onnx.ModelProto:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             info = _external(t)
             where = (base / info.get("location", "")).resolve()
-            if where.parent != base or not where.is_file():
+            if not where.is_relative_to(base) or not where.is_file():  # a subfolder is fine, ../ is not
                 raise ValueError(f"tensor '{t.name}' points outside the model's folder or at a missing file")
             _set_external(t, str(where), int(info.get("offset", 0)), int(info.get("length", 0)))
     return model

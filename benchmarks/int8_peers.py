@@ -4,9 +4,9 @@ For each ViT graph as users bring it (tests/foreign_graphs.py: vit-deploy's own 
 timm exports, Hugging Face exports at opset 14 and 17), with the outlier stand-in
 applied (vit_deploy/layernorm_scaling.inject_outliers: a few LayerNorm channels 20-100x,
 as trained ViTs carry them; FP32 outputs unchanged), one round-robin timing run of:
-FP32 on ONNX Runtime and OpenVINO; vit-deploy's INT8 (the portable Q/DQ file on
-OpenVINO, its ONNX Runtime form on ONNX Runtime); NNCF's OpenVINO API; NNCF's ONNX
-backend on both runtimes; ONNX Runtime's dynamic quantization. Fidelity against FP32
+FP32 on ONNX Runtime and OpenVINO; vit-deploy's INT8 (the artifacts `compile` builds
+from the portable Q/DQ file: its OpenVINO IR and its ONNX Runtime form); NNCF's
+OpenVINO API; NNCF's ONNX backend on both runtimes; ONNX Runtime's dynamic quantization. Fidelity against FP32
 on the held-out shipped photos: min cosine and mean correlation of the outputs. The
 trained Fashion-MNIST model (benchmarks/fashion_mnist.py) adds top-1 on its test set.
 
@@ -76,6 +76,14 @@ def ort_compiled(src: Path, out: Path, precision: str) -> Path:
     """vit-deploy's ONNX Runtime artifact (for int8: the uint8-activation form, see backends/ort_int8.py)."""
     from vit_deploy.backends.onnxruntime_backend import compile as ort_compile
     ort_compile(src, out, precision, {})
+    return out
+
+
+def ov_compiled(src: Path, out: Path, max_batch: int) -> Path:
+    """vit-deploy's OpenVINO artifact (for int8: uint8 activations on the weight products, see
+    backends/openvino_int8.py), as `vit-deploy compile` writes it."""
+    from vit_deploy.backends.openvino_backend import compile as ov_compile
+    ov_compile(src, out, "int8", {"max_batch": max_batch})
     return out
 
 
@@ -165,8 +173,9 @@ def run_graph(kind: str, work: Path, args) -> list[dict]:
         "ORT FP32": ort_runner(ort_compiled(fp32, work / "fp32.ort.onnx", "fp32"), th),
         "OpenVINO FP32": ov_runner(fp32, th),
         "vit-deploy INT8, ORT": ort_runner(ort_compiled(vd, work / "vd.int8.ort.onnx", "int8"), th),
-        "vit-deploy INT8, OpenVINO": ov_runner(vd, th),
-        "vit-deploy INT8 --no-attention, OpenVINO": ov_runner(plain, th),
+        "vit-deploy INT8, OpenVINO": ov_runner(ov_compiled(vd, work / "vd.int8.xml", max(args.batches)), th),
+        "vit-deploy INT8 --no-attention, OpenVINO": ov_runner(
+            ov_compiled(plain, work / "vd.no-attention.int8.xml", max(args.batches)), th),
         "NNCF OpenVINO API, OpenVINO": ov_runner(peers["ov"], th),
         "NNCF ONNX, OpenVINO": ov_runner(peers["onnx"], th),
         "NNCF ONNX, ORT": ort_runner(peers["onnx"], th),

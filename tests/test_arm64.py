@@ -69,7 +69,8 @@ def exact(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return (x_q * x_s) @ (w_q * w_s)
 
 
-LIMIT_INPUT = np.full((M, K), -4.0, np.float32)   # every activation quantizes to -128
+# every activation quantizes to -128 (int8) on even rows and to 127 (uint8 255 in OpenVINO's form) on odd rows
+LIMIT_INPUT = np.where(np.arange(M)[:, None] % 2 == 0, -4.0, 4.0).astype(np.float32) * np.ones((M, K), np.float32)
 
 # Run inside the emulated Python: each file on ONNX Runtime (all graph optimizations, so Q/DQ
 # MatMul becomes an INT8 kernel) and OpenVINO (f32 for the float parts, as vit-deploy pins).
@@ -135,10 +136,14 @@ def _lock(lock, workdir):
 def test_int8_limits_on_emulated_cortex_a72(tmp_path):
     """Cortex-A72 has no dot product: its INT8 kernels add int8 x int8 products in 16 bits,
     and -128 x -128 pairs overflow there (ONNX Runtime issue #31573). vit-deploy's files
-    (weights within +-127 or +-63) come out exact; the -128 x -128 file does not."""
+    (weights within +-127 or +-63, and the uint8-activation form OpenVINO gets of the
+    +-63 one) come out exact; the -128 x -128 file does not."""
     mod, workdir, site = _emulation()
+    from vit_deploy.backends.openvino_int8 import for_openvino
+    openvino_form = vit_deploy_int8(63)
+    assert for_openvino(openvino_form)["uint8_activations"] == 1
     files = {"vit-deploy 8-bit weights": vit_deploy_int8(127), "vit-deploy 7-bit weights": vit_deploy_int8(63),
-             "-128 x -128": minus_128_int8()}
+             "7-bit weights, OpenVINO's uint8 form": openvino_form, "-128 x -128": minus_128_int8()}
     paths = {}
     for i, (name, model) in enumerate(files.items()):
         paths[name] = tmp_path / f"m{i}.onnx"
@@ -160,7 +165,7 @@ def test_int8_limits_on_emulated_cortex_a72(tmp_path):
             y = np.array(got[f"{path}|{runtime}"])
             errors[(name, runtime)] = float(np.abs(y - want).max() / np.abs(want).max())
     print("relative max error on emulated cortex-a72:", errors)
-    for name in ("vit-deploy 8-bit weights", "vit-deploy 7-bit weights"):
+    for name in ("vit-deploy 8-bit weights", "vit-deploy 7-bit weights", "7-bit weights, OpenVINO's uint8 form"):
         for runtime in ("onnxruntime", "openvino"):
             assert errors[(name, runtime)] < 1e-5, (name, runtime, errors)
     # The harness reproduces the overflow: if both runtimes ever get this right, the
@@ -182,17 +187,21 @@ for p in ("fp32", "fp16", "int8"):
         if p == "int8":
             out["int8 runner"] = np.concatenate([r(x), r(x[:1])]).tolist()
 core = ov.Core()
-c = core.compile_model(str(d / "model.int8.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
-req = c.create_infer_request()
-out["int8 dynamic"] = np.concatenate([req.infer({0: x})[c.outputs[0]], req.infer({0: x[:1]})[c.outputs[0]]]).tolist()
+for key, ir in (("int8 dynamic", "model.int8.xml"), ("signed int8 dynamic", "model.int8-signed.xml")):
+    c = core.compile_model(str(d / ir), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+    req = c.create_infer_request()
+    out[key] = np.concatenate([req.infer({0: x})[c.outputs[0]], req.infer({0: x[:1]})[c.outputs[0]]]).tolist()
 print(json.dumps(out))
 """
 
 
 def test_openvino_on_emulated_neoverse_n1(tmp_path):
     """Neoverse N1 has FP16 arithmetic, where OpenVINO's default is f16: the FP32 and INT8
-    artifacts compute in f32 and the FP16 one in f16. And INT8 through vit-deploy's runner
-    (static shapes on ARM) is exact, while the same IR compiled with its dynamic batch is not."""
+    artifacts compute in f32 and the FP16 one in f16. And the INT8 artifact (uint8 activations
+    on its products, backends/openvino_int8.py) is exact through vit-deploy's runner (static
+    shapes on ARM) and with its dynamic batch, while the int8-activation IR with its dynamic
+    batch is not (the plugin error that made the runner pin shapes on ARM)."""
+    import openvino as ov
     import onnxruntime as ort
     from test_openvino_precision import _tiny_onnx
     from vit_deploy.backends import openvino_backend as ovb
@@ -202,6 +211,7 @@ def test_openvino_on_emulated_neoverse_n1(tmp_path):
     for p in ("fp32", "fp16", "int8"):
         ovb.compile(tmp_path / ("m.int8.onnx" if p == "int8" else "m.onnx"), tmp_path / f"model.{p}.xml", p,
                     {"max_batch": 4})
+    ov.save_model(ov.convert_model(str(tmp_path / "m.int8.onnx")), str(tmp_path / "model.int8-signed.xml"))
     x = np.random.default_rng(1).uniform(-3, 3, (4, 3, 8, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     so = ort.SessionOptions()
@@ -219,12 +229,12 @@ def test_openvino_on_emulated_neoverse_n1(tmp_path):
     got = json.loads(r.stdout)
     assert {k: got[k] for k in ("fp32", "fp16", "int8")} == \
         {"fp32": "<Type: 'float32'>", "fp16": "<Type: 'float16'>", "int8": "<Type: 'float32'>"}, got
-    runner = np.abs(np.array(got["int8 runner"]) - want).max() / np.abs(want).max()
-    dynamic = np.abs(np.array(got["int8 dynamic"]) - want).max() / np.abs(want).max()
-    print(f"INT8 relative max error on emulated neoverse-n1: runner {runner:.2e}, dynamic batch {dynamic:.2e}")
-    assert runner < 1e-5
+    err = {k: float(np.abs(np.array(got[k]) - want).max() / np.abs(want).max())
+           for k in ("int8 runner", "int8 dynamic", "signed int8 dynamic")}
+    print("INT8 relative max error on emulated neoverse-n1: " + ", ".join(f"{k} {v:.2e}" for k, v in err.items()))
+    assert err["int8 runner"] < 1e-5 and err["int8 dynamic"] < 1e-5
     # the harness still reproduces the plugin's dynamic-shape error: else this proves nothing
-    assert dynamic > 1e-3
+    assert err["signed int8 dynamic"] > 1e-3
 
 
 def _script(*args, path=None):

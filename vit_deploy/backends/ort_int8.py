@@ -29,10 +29,11 @@ from onnx import numpy_helper
 from ..onnx_io import drop_unused_initializers, graph_index
 
 
-def to_uint8_activations(model: onnx.ModelProto) -> int:
+def to_uint8_activations(model: onnx.ModelProto, where=None) -> int:
     """Int8 activation Q/DQ pairs -> uint8 with the zero point moved by 128, in place.
     Each converted pair gets zero points of its own (the int8 ones may be shared with
-    weights); recorded intermediate types are updated. Returns how many Q nodes."""
+    weights); recorded intermediate types are updated. `where(dequantizers)`, if given,
+    picks the pairs to convert. Returns how many Q nodes."""
     g = model.graph
     inits, _, consumers = graph_index(model)
     changed = 0
@@ -44,6 +45,8 @@ def to_uint8_activations(model: onnx.ModelProto) -> int:
             continue
         after = consumers.get(n.output[0], [])
         if not after or any(c.op_type != "DequantizeLinear" for c in after):
+            continue
+        if where is not None and not where(after):
             continue
         name = f"{n.output[0]}_zero_point_u8"
         value = (numpy_helper.to_array(zp).astype(np.int16) + 128).astype(np.uint8)

@@ -66,8 +66,15 @@ def test_vit_b16_artifacts_agree_with_pytorch(b16_bundle, b16_check):
 
 @pytest.mark.heavy
 def test_r50_vit_b16_artifacts_agree_with_pytorch(tmp_path):
-    export(model="r50-vit-b16", target="onnxruntime,openvino", precision="fp32,fp16,int8", out=tmp_path,
-           check=False, quiet=True)
+    """The hybrid from a timm checkpoint, once through every stage: its ONNX equals timm's
+    model (test_export's check), and every artifact agrees with PyTorch."""
+    pytest.importorskip("timm")
+    from test_export import assert_export_matches_timm, timm_checkpoint
+    ref = timm_checkpoint("vit_base_r50_s16_224", tmp_path / "w.pth")
+    manifest = export(model="r50-vit-b16", weights=str(tmp_path / "w.pth"), target="onnxruntime,openvino",
+                      precision="fp32,fp16,int8", out=tmp_path, check=False, quiet=True)
+    assert_export_matches_timm(manifest, tmp_path / "r50-vit-b16" / "model.onnx", ref, "r50-vit-b16")
+    del ref
     result = _agreement(tmp_path / "r50-vit-b16")
     print({k: {m: f"{v:.3g}" if m == "max_abs" else f"{v:.5f}" for m, v in d.items()} for k, d in result.items()})
     _assert_acceptance(result)

@@ -22,11 +22,10 @@ def _compare(ref, ours, img_size=224, batch=2):
     return diff
 
 
+# vit-b16, vit-b32 and the R50 hybrid: test_export and test_engines load the same timm
+# checkpoints through the whole export and compare the ONNX model with timm's.
 @pytest.mark.parametrize("timm_name,name", [
-    ("vit_base_patch16_224", "vit-b16"),
-    ("vit_base_patch32_224", "vit-b32"),
     ("vit_large_patch16_224", "vit-l16"),
-    ("vit_base_r50_s16_224", "r50-vit-b16"),
 ])
 def test_timm_state_dict(tmp_path, timm_name, name):
     torch.manual_seed(0)

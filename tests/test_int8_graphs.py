@@ -160,6 +160,17 @@ def test_int8_fidelity_with_outliers_on_both_runtimes(graphs, kind, calib_dir, t
     assert g["result"].smoothed_layernorms >= 4
 
 
+def test_bias_correction_reaches_biases_behind_identity(graphs):
+    """torch's exporter writes equal biases once and gives each Linear an Identity of it
+    (the Hugging Face exports here, whose random biases are all zero): bias correction
+    follows the Identity, gives each product its own corrected bias, and leaves no dead node."""
+    g = graphs["hf-vit-op17"]
+    assert g["result"].bias_corrected >= 12  # 2 blocks x (q, k, v, output, fc1, fc2); 2 before the fix
+    m = onnx.load(str(g["int8"]))
+    read = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    assert all(any(o in read for o in n.output) for n in m.graph.node)
+
+
 def test_without_outlier_migration_the_outliers_collapse_int8(graphs, calib_dir, tmp_path):
     """The stand-in bites: per-tensor scales alone lose the small channels (so the test above can fail)."""
     from vit_deploy.quantize import quantize

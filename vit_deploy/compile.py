@@ -52,9 +52,11 @@ def stage_compile(tx, runtimes, precisions, *, max_batch: int, device: str = "CP
             options = {"max_batch": max_batch, "device": device, "img_size": bundle.manifest["model"]["img_size"],
                        "opt_batch": opt_batch, "workspace_mb": workspace_mb, "dla_core": dla_core,
                        "threads": threads, "bundle_dir": str(bundle.dir)}
+            # FORMS: the rewrite a backend applies to its source (a new one rebuilds old artifacts)
+            form = {"form": f} if (f := getattr(mod, "FORMS", {}).get(precision)) else {}
             key = cache_key(src=src["sha256"], runtime=runtime, precision=precision, version=version_of(
                 {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}[runtime]),
-                options={k: v for k, v in options.items() if k not in ("bundle_dir", "threads")})
+                options={k: v for k, v in options.items() if k not in ("bundle_dir", "threads")}, **form)
             old = bundle.reusable(runtime, precision, key, force)
             if old:
                 built.append(old)

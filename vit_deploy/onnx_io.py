@@ -235,3 +235,26 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     kept = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(kept)
+
+
+def _names_read(nodes) -> set[str]:
+    """Every tensor name the nodes read, also inside If/Loop/Scan bodies (outer-scope names)."""
+    read = set()
+    for n in nodes:
+        read.update(n.input)
+        for a in n.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                read |= _names_read(sub.node) | {o.name for o in sub.output}
+    return read
+
+
+def drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is read (after a rewrite bypassed them)."""
+    g = model.graph
+    while True:
+        read = _names_read(g.node) | {o.name for o in g.output}
+        live = [n for n in g.node if any(o in read for o in n.output)]
+        if len(live) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(live)

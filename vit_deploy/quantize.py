@@ -58,7 +58,7 @@ log = logging.getLogger("vit_deploy")
 METHODS = cs.METHODS
 SCHEMES = ("symmetric", "asymmetric")
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-RECIPE = "mse-smoothquant-auto-biascorr-attention-v3"  # in the stage's cache key: a new recipe rebuilds old bundles
+RECIPE = "mse-smoothquant-auto-biascorr-attention-v4"  # in the stage's cache key: a new recipe rebuilds old bundles
 SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
 
 
@@ -295,29 +295,40 @@ def quantize_weight(w: np.ndarray, axis: int, top: int) -> tuple[np.ndarray, np.
     return q, scale.astype(np.float32)
 
 
-def _bias_ref(model, node, consumers, inits):
-    """(node, input index) of a product's constant bias: Gemm/Conv input 2, or the Add after a MatMul."""
+def _constant(name, producers, inits):
+    """The initializer behind `name`, looking through Identity nodes (torch's exporter
+    writes one initializer and an Identity per reader when several biases are equal)."""
+    while name not in inits and name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    return name if name in inits else None
+
+
+def _bias_ref(node, producers, consumers, inits):
+    """(node, input index, initializer) of a product's constant bias: Gemm/Conv input 2,
+    or the Add after a MatMul."""
     if node.op_type in ("Gemm", "Conv"):
-        return (node, 2) if len(node.input) > 2 and node.input[2] in inits else None
+        init = _constant(node.input[2], producers, inits) if len(node.input) > 2 else None
+        return (node, 2, init) if init else None
     after = consumers.get(node.output[0], [])
     if len(after) == 1 and after[0].op_type == "Add":
         add = after[0]
         other = 1 if add.input[0] == node.output[0] else 0
-        if add.input[other] in inits and len(inits[add.input[other]].dims) == 1:
-            return (add, other)
+        init = _constant(add.input[other], producers, inits)
+        if init and len(inits[init].dims) == 1:
+            return (add, other, init)
     return None
 
 
 def correct_biases(model: onnx.ModelProto, targets: list[QTarget], stats: dict, levels: dict) -> int:
     """Bias correction (in place): the weight rounding error shifts each output channel's
     mean by E[x] . (W - W_q); add that back to the bias. Returns how many were corrected."""
-    inits, _, consumers = onnx_io.graph_index(model)
+    inits, producers, consumers = onnx_io.graph_index(model)
     nodes = {n.name: n for n in model.graph.node}
     done = 0
     for t in targets:
         if t.weight is None or t.activation not in stats:
             continue
-        ref = _bias_ref(model, nodes[t.node], consumers, inits)
+        ref = _bias_ref(nodes[t.node], producers, consumers, inits)
         mean = stats[t.activation].mean
         w = onnx_io.array(inits[t.weight]).astype(np.float64)
         q, scale = quantize_weight(w.astype(np.float32), t.axis, levels.get(t.weight, 127))
@@ -338,14 +349,15 @@ def correct_biases(model: onnx.ModelProto, targets: list[QTarget], stats: dict, 
             if mean.shape[0] != dw.shape[0]:
                 continue
             shift = mean @ dw
-        node, idx = ref
-        bias = onnx_io.array(inits[node.input[idx]]).astype(np.float64)
+        node, idx, init = ref
+        bias = onnx_io.array(inits[init]).astype(np.float64)
         if bias.shape != shift.shape:
             continue
         name = f"{_safe(node.name)}_{idx}_bias_corrected"  # per node: one bias may be shared by several
         model.graph.initializer.append(numpy_helper.from_array((bias + shift).astype(np.float32), name))
         node.input[idx] = name
         done += 1
+    onnx_io.drop_dead_nodes(model)  # Identity nodes of shared biases no product reads any more
     onnx_io.drop_unused_initializers(model)
     return done
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..onnx_io import drop_unused_initializers, graph_index
+from ..onnx_io import drop_dead_nodes, drop_unused_initializers, graph_index
 
 
 def to_uint8_activations(model: onnx.ModelProto, where=None) -> int:
@@ -144,20 +144,9 @@ def float_attention_products(model: onnx.ModelProto) -> int:
             if all(sources):
                 n.input[:] = sources
                 done += 1
-    _drop_dead_nodes(model)
+    drop_dead_nodes(model)
     drop_unused_initializers(model)
     return done
-
-
-def _drop_dead_nodes(model: onnx.ModelProto) -> None:
-    g = model.graph
-    while True:
-        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        live = [n for n in g.node if any(o in read for o in n.output)]
-        if len(live) == len(g.node):
-            return
-        del g.node[:]
-        g.node.extend(live)
 
 
 def for_onnxruntime(model: onnx.ModelProto) -> dict:

@@ -21,7 +21,8 @@ def calib_dir():
 def run_cli(*args, env=None, cwd=None, timeout=900):
     """Run the real console entry in a subprocess: exit code, stdout, stderr."""
     import subprocess
-    full_env = {**os.environ, **(env or {})}
+    # a crash in a runtime's native code (SIGSEGV) then leaves the Python stack in stderr
+    full_env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
     p = subprocess.run([sys.executable, "-m", "vit_deploy.cli", *map(str, args)], capture_output=True,
                        text=True, env=full_env, cwd=cwd, timeout=timeout)
     return p.returncode, p.stdout, p.stderr

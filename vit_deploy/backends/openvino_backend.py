@@ -9,7 +9,7 @@ import numpy as np
 from . import Runner
 
 RUNTIME = "openvino"
-FORMS = {"int8": "uint8-activations-on-weight-products"}  # see openvino_int8; in compile's cache key
+FORMS = {"int8": "uint8-activations-on-weight-products,k-transpose-next-to-matmul"}  # see openvino_int8; in compile's cache key
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 
 # Inference precision on CPUs, per artifact. OpenVINO's own default computes float parts

@@ -4,7 +4,7 @@ then FP32 / FP16 / INT8 top-1 accuracy on the 10,000 test images for every runti
 Random weights cannot tell a good INT8 model from a bad one (their top-1 margins
 are smaller than quantization noise); a trained model can.
 
-    python benchmarks/fashion_mnist.py [--epochs 2] [--retrain] [--markdown benchmarks/out/fmnist.md]
+    python benchmarks/fashion_mnist.py [--epochs 1] [--retrain] [--markdown benchmarks/out/fmnist.md]
 
 Data: Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist/);
 installed with apt-get when missing and running as root. Nothing is downloaded
@@ -66,7 +66,7 @@ def weights_path() -> Path:
     return OUT / "fmnist-vit-ti16.safetensors"
 
 
-def train(epochs: int = 2, batch: int = 128, lr: float = 1e-3) -> Path:
+def train(epochs: int = 1, batch: int = 128, lr: float = 1e-3) -> Path:
     import torch
     from vit_deploy import build_model, save_weights
     torch.manual_seed(SEED)
@@ -101,7 +101,7 @@ def train(epochs: int = 2, batch: int = 128, lr: float = 1e-3) -> Path:
     return weights_path()
 
 
-def ensure_trained(epochs: int = 2) -> Path:
+def ensure_trained(epochs: int = 1) -> Path:
     return weights_path() if weights_path().is_file() else train(epochs)
 
 
@@ -154,7 +154,7 @@ def evaluate(bundle_dir: Path, limit: int | None = None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--markdown", default=str(OUT / "fmnist.md"))
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 """The trained reference (vit-ti16 on Fashion-MNIST): INT8 keeps the answers on every runtime.
 
-Trains the model once if benchmarks/out has no weights (2 epochs, about 4 minutes on 2 cores).
+Trains the model once if benchmarks/out has no weights (1 epoch, about 2 minutes on 2 cores).
 """
 import sys
 from pathlib import Path

@@ -40,6 +40,15 @@ def _ort(path, x):
     return s.run(None, {s.get_inputs()[0].name: x})[0]
 
 
+def _ort_exact(path, x):
+    """ONNX Runtime with no graph optimization: each Q/DQ node computed as written."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
 def _ov(path, x):
     import openvino as ov
     c = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
@@ -206,23 +215,18 @@ def test_without_outlier_migration_the_outliers_collapse_int8(graphs, calib_dir,
 
 def test_ort_form_is_the_same_arithmetic(graphs, calib_dir, tmp_path):
     """uint8 zero point 128 is int8 zero point 0 shifted: same outputs when ORT runs both exactly."""
-    import onnxruntime as ort
     from vit_deploy.backends.ort_int8 import to_uint8_activations
     g = graphs["hf-vit-op17"]
     m = onnx.load(str(g["int8"]))
     assert to_uint8_activations(m) > 0
     onnx.save(m, str(tmp_path / "u8.onnx"))
     x = _held_out(g["src"], calib_dir)[:2]
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    run = lambda p: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]  # noqa: E731
-    assert np.abs(run(g["int8"]) - run(tmp_path / "u8.onnx")).max() < 1e-4
+    assert np.abs(_ort_exact(g["int8"], x) - _ort_exact(tmp_path / "u8.onnx", x)).max() < 1e-4
 
 
 def test_openvino_form_is_the_same_arithmetic(graphs, calib_dir, tmp_path):
     """Both OpenVINO rewrites (uint8 activations, K^T moved next to its MatMul) leave the
     Q/DQ arithmetic as it was, on a graph where each applies."""
-    import onnxruntime as ort
     from vit_deploy.backends.openvino_int8 import for_openvino
     g = graphs["timm-vit"]
     m = onnx.load(str(g["int8"]))
@@ -231,10 +235,7 @@ def test_openvino_form_is_the_same_arithmetic(graphs, calib_dir, tmp_path):
     onnx.checker.check_model(m)
     onnx.save(m, str(tmp_path / "ov.onnx"))
     x = _held_out(g["src"], calib_dir)[:2]
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    run = lambda p: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
-    assert np.abs(run(g["int8"]) - run(tmp_path / "ov.onnx")).max() < 1e-4
+    assert np.abs(_ort_exact(g["int8"], x) - _ort_exact(tmp_path / "ov.onnx", x)).max() < 1e-4
 
 
 # ---------------------------------------------------------------- preprocessing and bad input

@@ -258,3 +258,24 @@ def drop_dead_nodes(model: onnx.ModelProto) -> None:
             return
         del g.node[:]
         g.node.extend(live)
+
+
+def toposort(nodes, available: set[str]) -> list:
+    """The nodes in an order where each comes after the producers of its inputs;
+    `available`: the names that need no producer (graph inputs, initializers)."""
+    available = set(available) | {""}
+    order, pending = [], list(nodes)
+    while pending:
+        progressed = False
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                order.append(n)
+                available.update(n.output)
+                progressed = True
+            else:
+                rest.append(n)
+        if not progressed:
+            raise RuntimeError(f"graph has a cycle or a missing input near {rest[0].name}")
+        pending = rest
+    return order

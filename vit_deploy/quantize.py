@@ -479,7 +479,7 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
                 n.input[i] = rewire[(n.name, i)]
     # Q/DQ nodes must precede their consumers: put them first (their inputs are
     # graph inputs, initializers or produced earlier), then topologically sort.
-    nodes = _toposort(list(g.node) + new_nodes, {i.name for i in g.input} | {t.name for t in g.initializer} |
+    nodes = onnx_io.toposort(list(g.node) + new_nodes, {i.name for i in g.input} | {t.name for t in g.initializer} |
                       {t.name for t in new_inits})
     del g.node[:]
     g.node.extend(nodes)
@@ -494,25 +494,6 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in name).strip("_") or "t"
-
-
-def _toposort(nodes, available: set[str]):
-    available = set(available) | {""}
-    order, pending = [], list(nodes)
-    while pending:
-        progressed = False
-        rest = []
-        for n in pending:
-            if all(i in available for i in n.input):
-                order.append(n)
-                available.update(n.output)
-                progressed = True
-            else:
-                rest.append(n)
-        if not progressed:
-            raise RuntimeError(f"graph has a cycle or a missing input near {rest[0].name}")
-        pending = rest
-    return order
 
 
 # ------------------------------------------------------------- evaluation

@@ -84,7 +84,7 @@ def _scalar_shapes(model: onnx.ModelProto) -> dict[str, bool]:
 def _swaps_last_two_axes(node) -> bool:
     """A K^T: what a MatMul takes in as its transpose_b. Hugging Face's K is permuted
     (0, 2, 3, 1), heads split and transposed at once; OpenVINO already fuses that one, and
-    moving it measured 1-2 % slower (benchmarks/int8_peers.py graphs, 2026-11-28)."""
+    moving it measured 1-2 % slower in a probe on benchmarks/int8_peers.py's graphs (2026-11-28)."""
     if node.op_type != "Transpose":
         return False
     perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
@@ -119,24 +119,13 @@ def sink_attention_transposes(model: onnx.ModelProto) -> int:
     kept = [vi for vi in g.value_info if vi.name not in stale]
     del g.value_info[:]
     g.value_info.extend(kept)
-    after = {}  # chain end -> the Transpose that now follows it
     for mm, slot, chain, transpose in moves:
         chain[-1].input[0] = transpose.input[0]          # the chain now reads the untransposed tensor
         transpose.input[0] = chain[0].output[0]          # the Transpose reads the chain's end
         transpose.output[0] = transpose.output[0] + "_before_matmul"
         mm.input[slot] = transpose.output[0]
-        after[chain[0].output[0]] = onnx.NodeProto()
-        after[chain[0].output[0]].CopyFrom(transpose)
-    if after:  # one pass keeps the node list in topological order
-        moved = {t.output[0] for t in after.values()}
-        nodes = []
-        for n in g.node:
-            if n.output[0] in moved:
-                continue
-            nodes.append(n)
-            if n.output[0] in after:
-                nodes.append(after[n.output[0]])
-        nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+    if moves:  # each Transpose now reads a tensor produced after it
+        nodes = onnx_io.toposort(list(g.node), {i.name for i in g.input} | set(inits))
         del g.node[:]
         g.node.extend(nodes)
     return len(moves)

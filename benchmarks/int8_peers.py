@@ -3,7 +3,9 @@
 For each ViT graph as users bring it (tests/foreign_graphs.py: vit-deploy's own export,
 timm exports, Hugging Face exports at opset 14 and 17), with the outlier stand-in
 applied (vit_deploy/layernorm_scaling.inject_outliers: a few LayerNorm channels 20-100x,
-as trained ViTs carry them; FP32 outputs unchanged), one round-robin timing run of:
+as trained ViTs carry them; FP32 outputs unchanged) and, with --mlp-outliers, the
+massive post-GELU channels at the fc2 inputs (inject_mlp_outliers; a new FP32 model, which
+is then the reference), one round-robin timing run of:
 FP32 on ONNX Runtime and OpenVINO; vit-deploy's INT8 (the artifacts `compile` builds
 from the portable Q/DQ file: its OpenVINO IR and its ONNX Runtime form); NNCF's
 OpenVINO API; NNCF's ONNX backend on both runtimes; ONNX Runtime's dynamic quantization. Fidelity against FP32
@@ -16,6 +18,7 @@ trained Fashion-MNIST model (benchmarks/fashion_mnist.py) adds top-1 on its test
     python benchmarks/int8_peers.py                       # every graph, batch 1 and 8
     python benchmarks/int8_peers.py --graphs hf-vit-op14 --batches 1 --iters 20
     python benchmarks/int8_peers.py --graphs vit-b16 --no-outliers   # the 3.0x line
+    python benchmarks/int8_peers.py --mlp-outliers --batches 1     # both stand-ins
 
 Needs `pip install nncf timm transformers`. Writes benchmarks/out/int8_peers.md.
 """
@@ -123,7 +126,7 @@ def prepare_graph(kind: str, work: Path, args):
 
     from foreign_graphs import make_graph
     from vit_deploy.images import default_calibration_dir, list_images, load_images, split_for_calibration
-    from vit_deploy.layernorm_scaling import inject_outliers
+    from vit_deploy.layernorm_scaling import inject_mlp_outliers, inject_outliers
     from vit_deploy.quantize import preprocessing_of
 
     if kind == "fashion-mnist":  # trained: judged by top-1 on the test set, no stand-in outliers
@@ -146,9 +149,12 @@ def prepare_graph(kind: str, work: Path, args):
     else:
         src = make_graph(kind, work, small=args.small)
     fp32 = src
+    if args.mlp_outliers:  # a different function: every artifact is judged against this FP32
+        fp32 = work / f"{kind}.mlp-outliers.onnx"
+        onnx.save(inject_mlp_outliers(onnx.load(str(src))), str(fp32))
     if not args.no_outliers:
+        onnx.save(inject_outliers(onnx.load(str(fp32))), str(work / f"{kind}.outliers.onnx"))
         fp32 = work / f"{kind}.outliers.onnx"
-        onnx.save(inject_outliers(onnx.load(str(src))), str(fp32))
     calib_dir = default_calibration_dir()
     calib_paths, held = split_for_calibration(list_images(calib_dir), 32)
     pre, _ = preprocessing_of(onnx.load(str(src)), src)
@@ -245,7 +251,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="2-layer 64-px graphs (a quick run, not the table)")
-    ap.add_argument("--no-outliers", action="store_true", help="the graphs as exported (random weights)")
+    ap.add_argument("--no-outliers", action="store_true", help="no LayerNorm outlier stand-in (inject_outliers)")
+    ap.add_argument("--mlp-outliers", action="store_true",
+                    help="also the massive fc2-input channels of trained ViTs (inject_mlp_outliers)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "int8_peers.md")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -255,8 +263,8 @@ def main() -> None:
         for kind in args.graphs.split(","):
             rows += run_graph(kind, Path(tmp) / kind, args)
             print(table([r for r in rows if r["graph"] == kind]), flush=True)
-    head = (f"{datetime.date.today()}, {cpu_name()}, {args.threads} threads, outliers "
-            f"{'off' if args.no_outliers else 'on'}")
+    head = (f"{datetime.date.today()}, {cpu_name()}, {args.threads} threads, LayerNorm outliers "
+            f"{'off' if args.no_outliers else 'on'}, MLP outliers {'on' if args.mlp_outliers else 'off'}")
     text = head + "\n\n" + table(rows) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

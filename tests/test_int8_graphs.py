@@ -1,5 +1,7 @@
 """INT8 on ViT graphs as users bring them (timm and Hugging Face exports, opset 14 and 17),
-with trained-model outliers stood in by inject_outliers. What these tests protect:
+with trained-model outliers stood in by inject_mlp_outliers (massive post-GELU channels
+at each fc2 input) and inject_outliers (outlier channels after each LayerNorm). What
+these tests protect:
 - every quantized matrix product runs as an INT8 kernel on ONNX Runtime and OpenVINO;
 - the one Q/DQ file stays TensorRT-valid (signed int8, zero point 0, per-channel weights);
 - outlier migration keeps fidelity where per-tensor activation scales alone collapse it;
@@ -63,21 +65,23 @@ def _min_cos(a, b):
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory, calib_dir):
     """Each graph exported small, given outliers, and quantized with the defaults, once."""
-    from vit_deploy.layernorm_scaling import inject_outliers
+    from vit_deploy.layernorm_scaling import inject_mlp_outliers, inject_outliers
     from vit_deploy.quantize import quantize
     root = tmp_path_factory.mktemp("graphs")
     out = {}
     for kind in GRAPHS:
         src = make_graph(kind, root / kind, small=True)
+        mlp = src.with_name(f"{kind}.mlp-outliers.onnx")  # a different function: the reference for `fp32`
+        onnx.save(inject_mlp_outliers(onnx.load(str(src))), str(mlp))
         fp32 = src.with_name(f"{kind}.outliers.onnx")
-        onnx.save(inject_outliers(onnx.load(str(src))), str(fp32))
+        onnx.save(inject_outliers(onnx.load(str(mlp))), str(fp32))
         cfg = src.with_name("preprocessor_config.json")
         kw = {} if cfg.exists() or kind == "vit-deploy" else {"preset": "imagenet"}
         int8 = src.with_name(f"{kind}.int8.onnx")
         result = quantize(fp32, calib_dir, int8, calib_size=16, **kw)
         ir = src.with_name(f"{kind}.int8.xml")  # the OpenVINO artifact users get (backends/openvino_int8.py)
         _, extras = ovb.compile(int8, ir, "int8", {"max_batch": 8})
-        out[kind] = {"src": src, "fp32": fp32, "int8": int8, "result": result, "ov": ir, "ov_extras": extras}
+        out[kind] = {"src": src, "mlp": mlp, "fp32": fp32, "int8": int8, "result": result, "ov": ir, "ov_extras": extras}
     return out
 
 
@@ -86,9 +90,11 @@ def test_outlier_standin_keeps_fp32_outputs_and_spreads_channels(graphs, kind, c
     from vit_deploy.layernorm_scaling import find_groups
     g = graphs[kind]
     x = _held_out(g["src"], calib_dir)[:2]
-    a, b = _ort(g["src"], x), _ort(g["fp32"], x)
+    a, b = _ort(g["mlp"], x), _ort(g["fp32"], x)
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max()), kind
     assert len(find_groups(onnx.load(str(g["fp32"])))) >= 4  # both LayerNorms of both blocks were found
+    changed = [t.name for t in onnx.load(str(g["mlp"])).graph.initializer if "mlp_outlier" in t.name]
+    assert len(changed) == 6, changed  # 2 blocks x (fc1 weight, fc1 bias, fc2 weight)
 
 
 @pytest.mark.parametrize("kind", GRAPHS)
@@ -191,6 +197,7 @@ def test_int8_fidelity_with_outliers_on_both_runtimes(graphs, kind, calib_dir, t
     assert _min_cos(ref, _ort(tmp_path / "m.ort.onnx", x)) >= 0.996
     assert _min_cos(ref, _ov(g["ov"], x)[0]) >= 0.996
     assert g["result"].smoothed_layernorms >= 4
+    assert g["result"].smoothed_products >= 2  # both fc2 inputs, by a Mul: no LayerNorm precedes them
 
 
 def test_bias_correction_reaches_biases_behind_identity(graphs):
@@ -211,6 +218,19 @@ def test_without_outlier_migration_the_outliers_collapse_int8(graphs, calib_dir,
     quantize(g["fp32"], calib_dir, tmp_path / "plain.onnx", calib_size=16, smooth=None)
     x = _held_out(g["src"], calib_dir)
     assert _min_cos(_ort(g["fp32"], x), _ort(tmp_path / "plain.onnx", x)) < 0.99
+
+
+def test_without_a_smoothing_mul_the_mlp_outliers_collapse_int8(graphs, calib_dir, tmp_path, monkeypatch):
+    """The MLP stand-in bites: with outlier migration at the LayerNorms only, the massive
+    fc2 channels take the per-tensor scale (timm ViT-S/16 at full size: min cosine 0.53
+    without the Mul, 0.997 with it)."""
+    from vit_deploy import quantize as q
+    monkeypatch.setattr(q, "MUL_GAIN", 0.0)  # no gain is enough: no Mul
+    g = graphs["timm-vit"]
+    r = q.quantize(g["fp32"], calib_dir, tmp_path / "no-mul.onnx", calib_size=16, preset="imagenet")
+    assert r.smoothed_products == 0 and r.smoothed_layernorms >= 4
+    x = _held_out(g["src"], calib_dir)
+    assert _min_cos(_ort(g["fp32"], x), _ort(tmp_path / "no-mul.onnx", x)) < 0.99
 
 
 def test_ort_form_is_the_same_arithmetic(graphs, calib_dir, tmp_path):

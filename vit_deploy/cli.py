@@ -155,8 +155,9 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
 @click.option("--method", type=click.Choice(["mse", "minmax", "entropy", "percentile"]), default="mse", show_default=True,
               help="Activation clipping: least squared quantization error (mse), max, KL divergence or 99.99th percentile.")
 @click.option("--smooth", default="auto", show_default=True,
-              help="Outlier migration (SmoothQuant, folded into LayerNorm) strength 0..1, or auto: per LayerNorm, "
-                   "the strength (or none) that errs least on the calibration images.")
+              help="Outlier migration (SmoothQuant: into the LayerNorm, or a Mul where none precedes the Linear) "
+                   "strength 0..1, or auto: per tensor, the strength (or none) that errs least on the calibration "
+                   "images.")
 @click.option("--no-smooth", is_flag=True, help="No outlier migration.")
 @click.option("--no-bias-correction", is_flag=True, help="Keep the biases as they are.")
 @click.option("--exclude", multiple=True, help="Keep nodes matching this glob in float (repeatable).")
@@ -191,6 +192,8 @@ def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bi
         click.echo(format_report(result.report))
     click.echo(f"preprocessing from {result.preprocessing_source}: {result.preprocessing['img_size']} px, "
                f"mean {result.preprocessing['mean']}, std {result.preprocessing['std']}")
+    click.echo(f"outliers migrated at {result.smoothed_layernorms} LayerNorm(s) and {result.smoothed_products} other "
+               f"Linear input(s), {result.bias_corrected} bias(es) corrected")
     click.echo(f"wrote {result.path}: {len(result.quantized)} matrix products in INT8, {len(result.excluded)} in float"
                + (f", top-1 agreement {result.agreement:.4f}" if result.agreement is not None else ""))
 

@@ -43,8 +43,9 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
         lines.append(f"int8       {q['method']} calibration on {len(q['calibration_images'])} images, "
                      f"{q['quantized_nodes']} matrix products, weights {bits} (overflow fix {q.get('overflow_fix', 'off')})")
         if q.get("smoothquant") is not None:
-            lines.append(f"           outliers migrated at {q.get('smoothed_layernorms', 0)} LayerNorm(s) "
-                         f"(SmoothQuant {q['smoothquant']}), {q.get('bias_corrected', 0)} bias(es) corrected, "
+            lines.append(f"           outliers migrated at {q.get('smoothed_layernorms', 0)} LayerNorm(s) and "
+                         f"{q.get('smoothed_products', 0)} other Linear input(s) (SmoothQuant {q['smoothquant']}), "
+                         f"{q.get('bias_corrected', 0)} bias(es) corrected, "
                          f"{q.get('attention_products', 0)} attention product(s) in INT8")
     for s in manifest.get("skipped_targets") or []:
         lines.append(f"  skipped {s['runtime']}: {s['reason']}")

@@ -11,6 +11,14 @@ Two uses, one operation:
   then carry the inter-channel spread of trained ViTs.
 The LayerNorm may be one LayerNormalization op (opset >= 17) or the decomposed form
 older exporters write (..., Mul by gamma, Add beta).
+
+Where no LayerNorm feeds the Linear (fc2 after GELU, the attention projection after
+the heads are merged) there is no gamma to absorb f, so an explicit Mul by f goes
+between the tensor and its readers: still exact, at the price of one elementwise op
+(OpenVINO and TensorRT fuse it into the neighbouring kernels; ONNX Runtime runs it).
+Trained ViTs need it there: their fc2 inputs carry a few post-GELU channels 20-100x
+the rest ("massive activations"), and a per-tensor int8 scale either clips them or
+spends its levels on them.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from .onnx_io import array, drop_unused_initializers, graph_index, tensor
 @dataclass
 class LayerNormGroup:
     output: str                       # the LayerNorm's output tensor
-    gamma: tuple[str, int]            # (node name, input index) of the scale
+    gamma: tuple[str, int] | None     # (node name, input index) of the scale; None: an explicit Mul
     beta: tuple[str, int] | None      # (node name, input index) of the bias
     readers: list[tuple[str, int]]    # (node name, input index) of each reading weight [in, out]
 
@@ -61,17 +69,46 @@ def find_groups(model: onnx.ModelProto) -> list[LayerNormGroup]:
             continue
         gamma, beta, width = found
         out = n.output[0]
-        readers = []
-        for c in consumers.get(out, []):
-            if c.op_type == "Shape":  # reads only the shape, which does not change
-                continue
-            w = _reader_weight(model, c, out, inits, producers, width)
-            if w is None:
-                readers = []
-                break
-            readers.append(w)
+        readers = _weight_readers(model, out, consumers.get(out, []), inits, producers, width)
         if readers and out not in outputs:
             groups.append(LayerNormGroup(out, gamma, beta, readers))
+    return groups
+
+
+def _weight_readers(model, out, consumers, inits, producers, width):
+    """Each consumer's (node, weight input) when every consumer of `out` is a Linear
+    reading it on `width` input channels (a Shape reads only the shape); else []."""
+    readers = []
+    for c in consumers:
+        if c.op_type == "Shape":
+            continue
+        w = _reader_weight(model, c, out, inits, producers, width)
+        if w is None:
+            return []
+        readers.append(w)
+    return readers
+
+
+def find_product_inputs(model: onnx.ModelProto, skip=()) -> list[LayerNormGroup]:
+    """Tensors that no LayerNorm writes (not in `skip`) and that only Linears read: their
+    rescaling needs an explicit Mul (gamma None)."""
+    g = model.graph
+    inits, producers, consumers = graph_index(model)
+    outputs = {o.name for o in g.output}
+    groups = []
+    for n in g.node:
+        for out in n.output:
+            if out in skip or out in outputs or out not in consumers:
+                continue
+            first = next((c for c in consumers[out] if c.op_type != "Shape"), None)
+            ref = first is not None and _reader_weight(model, first, out, inits, producers, None)
+            if not ref:
+                continue
+            dims = _dims(first.input[1], inits, producers)
+            trans_b = first.op_type == "Gemm" and any(a.name == "transB" and a.i for a in first.attribute)
+            readers = _weight_readers(model, out, consumers[out], inits, producers, dims[1 if trans_b else 0])
+            if readers:
+                groups.append(LayerNormGroup(out, None, None, readers))
     return groups
 
 
@@ -102,15 +139,16 @@ def _layernorm_end(model, n, inits, producers):
 
 
 def _reader_weight(model, node, tensor, inits, producers, width):
+    """(node, 1) when `node` is a Linear reading `tensor` on `width` input channels (None: any)."""
     if node.op_type == "MatMul" and node.input[0] == tensor:
         dims = _dims(node.input[1], inits, producers)
-        if dims is not None and len(dims) == 2 and dims[0] == width:
+        if dims is not None and len(dims) == 2 and width in (None, dims[0]):
             return (node.name, 1)
     if node.op_type == "Gemm" and node.input[0] == tensor:
         attrs = {a.name: a.i for a in node.attribute}
         dims = _dims(node.input[1], inits, producers)
         if attrs.get("transA", 0) == 0 and dims is not None and len(dims) == 2:
-            if dims[1 if attrs.get("transB", 0) else 0] == width:
+            if width in (None, dims[1 if attrs.get("transB", 0) else 0]):
                 return (node.name, 1)
     return None
 
@@ -131,10 +169,14 @@ def _get(model, ref):
 
 
 def scale_channels(model: onnx.ModelProto, group: LayerNormGroup, factors: np.ndarray, tag: str) -> None:
-    """gamma, beta *= factors; each reader's weight rows /= factors (in place)."""
+    """gamma, beta *= factors (or the tensor, by a new Mul); each reader's weight rows /=
+    factors (in place)."""
     factors = factors.astype(np.float32)
-    _, gamma = _get(model, group.gamma)
-    _set(model, group.gamma, (gamma * factors).astype(np.float32), tag)
+    if group.gamma is None:
+        _insert_mul(model, group.output, factors, tag)
+    else:
+        _, gamma = _get(model, group.gamma)
+        _set(model, group.gamma, (gamma * factors).astype(np.float32), tag)
     if group.beta:
         _, beta = _get(model, group.beta)
         _set(model, group.beta, (beta * factors).astype(np.float32), tag)
@@ -144,6 +186,17 @@ def scale_channels(model: onnx.ModelProto, group: LayerNormGroup, factors: np.nd
         w = w / factors[None, :] if trans_b else w / factors[:, None]
         _set(model, ref, w.astype(np.float32), tag)
     drop_unused_initializers(model)
+
+
+def _insert_mul(model: onnx.ModelProto, name: str, factors: np.ndarray, tag: str) -> None:
+    """`name` becomes Mul(its old value, factors): the producer writes `name`_<tag>_in
+    instead, so every reader (and the calibration statistics' name) stays."""
+    g = model.graph
+    at, producer = next((i, n) for i, n in enumerate(g.node) if name in n.output)
+    raw = f"{name}_{tag}_in"
+    producer.output[list(producer.output).index(name)] = raw
+    g.initializer.append(tensor(factors, f"{name}_{tag}_factors"))
+    g.node.insert(at + 1, onnx.helper.make_node("Mul", [raw, f"{name}_{tag}_factors"], [name], name=f"{name}_{tag}_Mul"))
 
 
 def reader_weights(model: onnx.ModelProto, group: LayerNormGroup) -> list[np.ndarray]:
@@ -174,4 +227,51 @@ def inject_outliers(model: onnx.ModelProto, channels: int = 4, low: float = 20.0
         pick = rng.choice(gamma.shape[0], size=min(channels, gamma.shape[0]), replace=False)
         factors[pick] = rng.uniform(low, high, size=len(pick))
         scale_channels(out, group, factors, f"outlier{i}")
+    return out
+
+
+def _fc1_of(fc2, inits, producers):
+    """The Linear (MatMul with a constant weight) behind fc2's input, through the activation ops."""
+    stack, seen = [fc2.input[0]], set()
+    while stack:
+        n = producers.get(stack.pop())
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op_type == "MatMul" and n.input[1] in inits:
+            return n
+        stack += [i for i in n.input if i not in inits]
+    return None
+
+
+def inject_mlp_outliers(model: onnx.ModelProto, channels: int = 4, low: float = 20.0, high: float = 100.0,
+                        seed: int = 1) -> onnx.ModelProto:
+    """The test stand-in for the "massive activations" of trained ViTs at the fc2 input:
+    in each MLP, a few hidden channels' fc1 weight column and bias are multiplied by
+    20-100x and the matching fc2 weight rows divided by the same. GELU is not linear, so
+    unlike `inject_outliers` this changes the function (those channels become nearly
+    ReLU, 20-100x larger after the GELU): compare INT8 with this model's own FP32."""
+    rng = np.random.default_rng(seed)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits, producers, consumers = graph_index(out)
+    for i, fc2 in enumerate([n for n in out.graph.node if n.op_type == "MatMul" and n.input[1] in inits]):
+        w2 = array(inits[fc2.input[1]])
+        fc1 = _fc1_of(fc2, inits, producers) if w2.ndim == 2 and w2.shape[0] > w2.shape[1] else None
+        w1 = None if fc1 is None else array(inits[fc1.input[1]])
+        if w1 is None or w1.ndim != 2 or w1.shape[1] != w2.shape[0]:
+            continue
+        hidden = w2.shape[0]
+        f = np.ones(hidden, np.float32)
+        pick = rng.choice(hidden, size=min(channels, hidden), replace=False)
+        f[pick] = rng.uniform(low, high, size=len(pick))
+        # new initializers per input (_set): torch's exporter shares equal tensors between layers
+        _set(out, (fc1.name, 1), (w1 * f[None, :]).astype(np.float32), f"mlp_outlier{i}")
+        _set(out, (fc2.name, 1), (w2 / f[:, None]).astype(np.float32), f"mlp_outlier{i}")
+        for add in consumers.get(fc1.output[0], []):
+            for k, name in enumerate(add.input if add.op_type == "Add" else ()):
+                bias = _constant(out, name, inits, producers)
+                if bias is not None and bias.shape == (hidden,):
+                    _set(out, (add.name, k), (bias * f).astype(np.float32), f"mlp_outlier{i}")
+    drop_unused_initializers(out)
     return out

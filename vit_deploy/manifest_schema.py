@@ -170,6 +170,7 @@ QUANTIZATION = record(
     optional={"scheme": _text, "excluded_nodes": list_of(_text), "agreement": nullable(number(0, 1)),
               "overflow_fix": _name, "seven_bit_weights": list_of(_text),
               "smoothquant": _name, "smoothed_layernorms": integer(0, MAX_LIST),
+              "smoothed_products": integer(0, MAX_LIST),
               "bias_corrected": integer(0, MAX_LIST), "attention_products": integer(0, MAX_LIST)})
 
 ARTIFACT = record(
@@ -236,13 +237,17 @@ MANIFEST = record(
 
 def _check_artifacts(artifacts: list) -> None:
     """What one artifact's fields cannot say alone: its files, suffixes, and no duplicates."""
-    seen = {}
+    seen, paths = {}, {}
     for i, a in enumerate(artifacts):
         field = f"artifacts[{i}]"
         name = f"{a['backend']}-{a['precision']}"
         if name in seen:
             raise Invalid(field, f"{name} is listed twice (also artifacts[{seen[name]}])")
         seen[name] = i
+        # one file is one artifact: a second entry for it could only relabel it (INT8 called FP32)
+        if a["path"] in paths:
+            raise Invalid(f"{field}.path", f"{a['path']!r} is already artifacts[{paths[a['path']]}]")
+        paths[a["path"]] = i
         files = a.get("files", {a["path"]: a["sha256"]})
         if a["path"] not in files:
             raise Invalid(f"{field}.files", f"does not list the artifact's own path {a['path']!r}")

@@ -58,8 +58,9 @@ log = logging.getLogger("vit_deploy")
 METHODS = cs.METHODS
 SCHEMES = ("symmetric", "asymmetric")
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-RECIPE = "mse-smoothquant-auto-biascorr-attention-v4"  # in the stage's cache key: a new recipe rebuilds old bundles
+RECIPE = "mse-smoothquant-mul-auto-biascorr-attention-v5"  # in the stage's cache key: a new recipe rebuilds old bundles
 SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
+MUL_GAIN = 0.5  # an explicit smoothing Mul must at least halve the Linear's output error to be worth its op
 
 
 def resolve_overflow_fix(fix: str, runtimes=None) -> str:
@@ -96,6 +97,7 @@ class QuantResult:
     preprocessing: dict = field(default_factory=dict)
     preprocessing_source: str = ""
     smoothed_layernorms: int = 0
+    smoothed_products: int = 0  # tensors smoothed by an explicit Mul (no LayerNorm before them)
     bias_corrected: int = 0
     attention_products: int = 0  # activation x activation MatMuls quantized
 
@@ -168,7 +170,7 @@ def _cache_dir() -> Path:
 
 def _calib_key(model_sha: str, image_shas: list[str], method: str, pre: Preprocessing, tensors: list[str],
                smooth) -> str:
-    blob = json.dumps(["stats-v3", model_sha, image_shas, method, pre.to_dict(), tensors, smooth,
+    blob = json.dumps(["stats-v4", model_sha, image_shas, method, pre.to_dict(), tensors, smooth,
                        cs.PERCENTILE, cs.BINS])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -225,19 +227,39 @@ def _product_error(x: np.ndarray, w: np.ndarray, s: np.ndarray, x_amax: float, t
     return float(np.sum((ref - xq @ (wq * scale[None, :])) ** 2) / max(np.sum(ref ** 2), 1e-30))
 
 
+def _smoothing_groups(model: onnx.ModelProto):
+    """[(group, tag)]: the LayerNorms (free) first, then the tensors that need a Mul."""
+    from .layernorm_scaling import find_groups, find_product_inputs
+    norms = find_groups(model)
+    muls = find_product_inputs(model, skip={g.output for g in norms})
+    return [(g, f"smooth{i}") for i, g in enumerate(norms)] + [(g, f"smoothmul{i}") for i, g in enumerate(muls)]
+
+
+def _layernorm_outputs(model: onnx.ModelProto) -> list[str]:
+    from .layernorm_scaling import find_groups
+    return [g.output for g in find_groups(model)]
+
+
+def smoothable_tensors(model: onnx.ModelProto) -> list[str]:
+    return [g.output for g, _ in _smoothing_groups(model)]
+
+
 def smooth_layernorms(model: onnx.ModelProto, stats: dict, samples: dict, quantized_weights: set[str], alpha,
                       weight_top: int = 127, in_place: bool = False):
-    """SmoothQuant folded into LayerNorm: where every reader of a LayerNorm output is a
-    quantized Linear, divide channel j by s_j = max|x_j|^a / max|W_j|^(1-a) (in gamma and
-    beta) and multiply the readers' weight rows by it. Exact in FP32, free at run time.
-    alpha "auto" picks, per LayerNorm, the strength (or none) whose quantized Linear
-    outputs err least on a sample of calibration rows: trained ViTs differ per layer.
-    Returns the new model, the statistics of the smoothed tensors and {tensor: s}."""
-    from .layernorm_scaling import find_groups, reader_weights, scale_channels
+    """SmoothQuant: where every reader of a tensor is a quantized Linear, divide channel j
+    by s_j = max|x_j|^a / max|W_j|^(1-a) and multiply the readers' weight rows by it.
+    After a LayerNorm it goes into gamma and beta (free at run time); elsewhere (fc2,
+    the attention projection) into a Mul before the quantizer, which costs one
+    elementwise op, so "auto" takes it there only where it at least halves the error.
+    Exact in FP32. alpha "auto" picks, per tensor, the strength (or none) whose
+    quantized Linear outputs err least on a sample of calibration rows: trained ViTs
+    differ per layer. Returns the new model, the statistics of the smoothed tensors
+    and {tensor: s}."""
+    from .layernorm_scaling import reader_weights, scale_channels
     out = model if in_place else _copy(model)
     stats = dict(stats)
     factors = {}
-    for i, group in enumerate(find_groups(out)):
+    for group, tag in _smoothing_groups(out):
         nodes = {n.name: n for n in out.graph.node}
         if group.output not in stats or not all(nodes[r[0]].input[1] in quantized_weights for r in group.readers):
             continue
@@ -250,16 +272,20 @@ def smooth_layernorms(model: onnx.ModelProto, stats: dict, samples: dict, quanti
             # the error on 512 sampled rows and 512 sampled output columns: each column's
             # weights are quantized on their own, so a column subset estimates it unbiased
             x = samples[group.output][:cs.SAMPLE_ROWS]
-            cols = np.random.default_rng(i).choice(w.shape[1], min(512, w.shape[1]), replace=False)
+            cols = np.random.default_rng(len(factors)).choice(w.shape[1], min(512, w.shape[1]), replace=False)
             errs = {a: _product_error(x, w[:, cols], _smoothing(x_max, w_max, a),
                                       float((x_max / _smoothing(x_max, w_max, a)).max()), weight_top) for a in ALPHAS}
             best = min(errs, key=errs.get)
+            if group.gamma is None and errs[best] > MUL_GAIN * errs[None]:
+                best = None
+        elif alpha == "auto":
+            best = SMOOTH_ALPHA if group.gamma is not None else None
         else:
-            best = SMOOTH_ALPHA if alpha == "auto" else alpha
-        s = _smoothing(x_max, w_max, best)
+            best = alpha
         if best is None:
             continue
-        scale_channels(out, group, 1.0 / s, f"smooth{i}")
+        s = _smoothing(x_max, w_max, best)
+        scale_channels(out, group, 1.0 / s, tag)
         stats[group.output] = stats[group.output].divided(s)
         factors[group.output] = s
         quantized_weights = quantized_weights | {n.input[1] for n in out.graph.node if n.name in {r[0] for r in group.readers}}
@@ -268,13 +294,13 @@ def smooth_layernorms(model: onnx.ModelProto, stats: dict, samples: dict, quanti
 
 def apply_factors(model: onnx.ModelProto, stats: dict, factors: dict, in_place: bool = False):
     """Re-apply cached smoothing factors {tensor: s} (same math as smooth_layernorms)."""
-    from .layernorm_scaling import find_groups, scale_channels
+    from .layernorm_scaling import scale_channels
     out = model if in_place else _copy(model)
     stats = dict(stats)
-    for i, group in enumerate(find_groups(out)):
+    for group, tag in _smoothing_groups(out):
         if group.output in factors:
             s = np.asarray(factors[group.output], np.float64)
-            scale_channels(out, group, 1.0 / s, f"smooth{i}")
+            scale_channels(out, group, 1.0 / s, tag)
             stats[group.output] = stats[group.output].divided(s)
     return out, stats
 
@@ -575,8 +601,7 @@ def calibrate(model, targets, excluded, calib, method: str, smooth, cache_key: s
             return smoothed, stats, thresholds, factors, True
         except (OSError, ValueError, KeyError):
             log.warning("calibration cache %s is unreadable; recalibrating", cache.name)
-    from .layernorm_scaling import find_groups
-    sampled = tuple(g.output for g in find_groups(model)) if smooth == "auto" else ()
+    sampled = tuple(smoothable_tensors(model)) if smooth == "auto" else ()
     stats0, samples = cs.collect_channel_stats(model, tensors, calib, sampled)
     smoothed, stats, factors = model, stats0, {}
     if smooth:
@@ -649,6 +674,7 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
     key = _calib_key(model_sha, [sha256_file(p) for p in calib_paths], method, pre, tensors + sorted(excluded),
                      [smooth, overflow_fix])
     keep_original = report or max_drop is not None  # the per-layer report and the fallback compare with it
+    norms = set(_layernorm_outputs(model))
     smoothed, stats, thresholds, factors, hit = calibrate(model, chosen, excluded, calib, method, smooth, key,
                                                            recalibrate, in_place=not keep_original,
                                                            weight_top=63 if overflow_fix == "all" else 127)
@@ -670,7 +696,7 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
     qmodel = build(excluded)
     result = QuantResult(out, [], sorted(excluded), method, [p.name for p in calib_paths], [p.name for p in held_paths],
                          cache_hit=hit, preprocessing=pre.to_dict(), preprocessing_source=pre_source,
-                         smoothed_layernorms=len(factors))
+                         smoothed_layernorms=len(set(factors) & norms), smoothed_products=len(set(factors) - norms))
     if report or max_drop is not None:
         result.report = layer_report(model, qmodel, targets, excluded, calib)
     if max_drop is not None:
@@ -685,7 +711,8 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
                                        and t.node in result.quantized})
     meta.update({"quantization": {"method": method, "scheme": f"activations {scheme}, weights int8 symmetric per channel",
                                   "overflow_fix": overflow_fix, "seven_bit_weights": result.seven_bit_weights,
-                                  "smoothquant": str(smooth), "smoothed_layernorms": len(factors),
+                                  "smoothquant": str(smooth), "smoothed_layernorms": result.smoothed_layernorms,
+                                  "smoothed_products": result.smoothed_products,
                                   "bias_corrected": result.bias_corrected,
                                   "attention_products": result.attention_products,
                                   "quantized": len(result.quantized), "excluded": result.excluded},
@@ -747,6 +774,7 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
                               "agreement": result.agreement, "overflow_fix": overflow_fix,
                               "seven_bit_weights": result.seven_bit_weights,
                               "smoothquant": "auto", "smoothed_layernorms": result.smoothed_layernorms,
+                              "smoothed_products": result.smoothed_products,
                               "bias_corrected": result.bias_corrected,
                               "attention_products": result.attention_products}}
     return tx.add_artifact(entry, onnx_io.files_of(out))

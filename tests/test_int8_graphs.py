@@ -233,6 +233,18 @@ def test_without_a_smoothing_mul_the_mlp_outliers_collapse_int8(graphs, calib_di
     assert _min_cos(_ort(g["fp32"], x), _ort(tmp_path / "no-mul.onnx", x)) < 0.99
 
 
+def test_cached_calibration_rebuilds_the_smoothing_muls(graphs, calib_dir, tmp_path):
+    """A second quantize reuses the cached statistics and factors: the Muls come back
+    where they were, and the file is the same bytes."""
+    from vit_deploy.quantize import quantize
+    g = graphs["hf-vit-op17"]
+    first = quantize(g["fp32"], calib_dir, tmp_path / "a.onnx", calib_size=8)
+    second = quantize(g["fp32"], calib_dir, tmp_path / "b.onnx", calib_size=8)
+    assert not first.cache_hit and second.cache_hit
+    assert second.smoothed_products == first.smoothed_products >= 2
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
 def test_ort_form_is_the_same_arithmetic(graphs, calib_dir, tmp_path):
     """uint8 zero point 128 is int8 zero point 0 shifted: same outputs when ORT runs both exactly."""
     from vit_deploy.backends.ort_int8 import to_uint8_activations

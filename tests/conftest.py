@@ -91,3 +91,4 @@ def b16_check(b16_bundle, tmp_path_factory):
     seconds = time.perf_counter() - t
     report = json.loads((tmp / "r.json").read_text()) if (tmp / "r.json").exists() else None
     return {"code": code, "out": out, "err": err, "seconds": seconds, "report": report, "dir": tmp}
+

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from conftest import assert_one_line_error, copy_bundle, run_cli
 from vit_deploy import Bundle
-from vit_deploy.images import default_calibration_dir
+from vit_deploy.images import default_calibration_dir, list_images
 from vit_deploy.weights import sha256_file
 
 pytest.importorskip("openvino")
@@ -34,6 +34,21 @@ def test_good_b16_bundle_passes_with_reports(b16_bundle, b16_check):
     # The time is printed, not asserted: on a shared machine a wall-time assertion fails for
     # reasons that are not the code's (the check's speed is a benchmark's business).
     print(f"check: 5 artifacts, 64 images, {r['seconds']:.1f} s")
+
+
+def test_vit_b16_artifacts_agree_with_pytorch(b16_bundle, b16_check):
+    """Batch 1 and 4 here; the cosine on all 48 calibration photos (and 16 mirrored) comes from
+    the check run above, so the photos go through each artifact once. It lives in this file so
+    that the bundle's tests share one pytest-xdist worker (`--dist loadfile`)."""
+    from test_engines import _agreement, _assert_acceptance
+    result = _agreement(b16_bundle[0])
+    report = b16_check["report"]
+    assert {f"mirrored_{p.name}" for p in list_images(default_calibration_dir())[:16]} <= set(report["image_names"])
+    assert set(report["image_names"]) >= {p.name for p in list_images(default_calibration_dir())}
+    for r in report["results"]:
+        result[r["artifact"]]["min_cosine"] = r["metrics"]["min_cosine"]
+    print({k: {m: f"{v:.3g}" if m == "max_abs" else f"{v:.5f}" for m, v in d.items()} for k, d in result.items()})
+    _assert_acceptance(result)
 
 
 def _rehash(d, rel):

@@ -267,7 +267,8 @@ def test_schema_names_the_field(tiny):
         (lambda m: m["artifacts"][1].__setitem__("backend", "pickle"), r"^artifacts\[1\]\.backend: must be one of"),
         (lambda m: m["artifacts"][0].__setitem__("precision", "int4"), r"^artifacts\[0\]\.precision"),
         (lambda m: m["artifacts"].append(copy.deepcopy(m["artifacts"][0])), r"listed twice"),
-        # the INT8 file relabelled FP32 beside its true entry (once found by the fuzz test: check exited 1)
+        # the INT8 file listed again under another precision (the fuzz test once relabelled it FP32 and
+        # `check` exited 1 on the parity failure instead of 2 on the manifest)
         (lambda m: m["artifacts"].append({**copy.deepcopy(next(a for a in m["artifacts"] if a["precision"] == "int8")),
                                           "precision": "fp16"}), r"\.path: '.*' is already artifacts\[\d+\]"),
         (lambda m: m["artifacts"][0].__setitem__("sha256", "0" * 64), r"^artifacts\[0\]\.sha256: differs"),

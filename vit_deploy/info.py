@@ -39,7 +39,9 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
         lines.append(f"openvino   inference precision: {ov_precision}")
     q = next((a.get("quantization") for a in manifest["artifacts"] if a.get("quantization")), None)
     if q:
-        bits = f"7-bit on {len(q['seven_bit_weights'])} tensor(s)" if q.get("seven_bit_weights") else "8-bit"
+        bits = "8-bit" + (", pair-safe for 16-bit sums" if q.get("overflow_fix") == "all" else "")
+        if q.get("seven_bit_weights"):
+            bits += f", 7-bit on {len(q['seven_bit_weights'])} tensor(s)"
         lines.append(f"int8       {q['method']} calibration on {len(q['calibration_images'])} images, "
                      f"{q['quantized_nodes']} matrix products, weights {bits} (overflow fix {q.get('overflow_fix', 'off')})")
         if q.get("smoothquant") is not None:

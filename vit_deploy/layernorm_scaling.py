@@ -275,3 +275,60 @@ def inject_mlp_outliers(model: onnx.ModelProto, channels: int = 4, low: float = 
                     _set(out, (add.name, k), (bias * f).astype(np.float32), f"mlp_outlier{i}")
     drop_unused_initializers(out)
     return out
+
+
+def _first_token_stream(model: onnx.ModelProto) -> str | None:
+    """The tensor the first LayerNorm normalizes: the residual stream entering block 0."""
+    for n in model.graph.node:  # ONNX keeps nodes in topological order
+        axes = next((list(a.ints) for a in n.attribute if a.name == "axes"), None)
+        if n.op_type == "LayerNormalization" or (n.op_type == "ReduceMean" and axes == [-1]):
+            return n.input[0]
+        if n.op_type == "ReduceMean" and len(n.input) > 1:  # opset 18: axes as an input
+            return n.input[0]
+    return None
+
+
+def _run_shape(model: onnx.ModelProto, name: str) -> list[int]:
+    """The shape of tensor `name` on one zero image (shape inference loses token counts at Expand)."""
+    import onnxruntime as ort
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    inp = m.graph.input[0]
+    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return list(sess.run([name], {inp.name: np.zeros(shape, np.float32)})[0].shape)
+
+
+def inject_massive_tokens(model: onnx.ModelProto, tokens: int = 2, magnitude: float = 80.0,
+                          seed: int = 3) -> onnx.ModelProto:
+    """The test stand-in for token-specific "massive activations" (Sun et al. 2024; the
+    high-norm tokens of "Vision Transformers Need Registers"): on every image, a few fixed
+    patch or register tokens carry a huge value on two channels of the residual stream,
+    from block 0 on. Their LayerNorm outputs then hold values ~sqrt(width) on those
+    channels in a handful of rows of each tensor: rare, so a clipping range fitted to
+    the bulk cuts them, and they are load-bearing (keys every query attends to). Added
+    as a constant [1, tokens, width] before the first LayerNorm, not on the class
+    token (that would make the pooled output near-constant). Changes the function:
+    compare INT8 with this model's own FP32. Needs static token and channel counts."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    stream = _first_token_stream(out)
+    dims = [] if stream is None else _run_shape(out, stream)
+    if len(dims) != 3 or not (dims[1] > 1 and dims[2] > 1):
+        raise ValueError("inject_massive_tokens: no [batch, tokens, width] stream with static sizes found")
+    rng = np.random.default_rng(seed)
+    bump = np.zeros((1, dims[1], dims[2]), np.float32)
+    rows = rng.choice(np.arange(1, dims[1]), size=min(tokens, dims[1] - 1), replace=False)
+    channels = rng.choice(dims[2], size=2, replace=False)
+    bump[0, rows[:, None], channels[None, :]] = np.array([magnitude, -0.5 * magnitude], np.float32)
+    raw = f"{stream}_massive_in"
+    for n in out.graph.node:  # every reader of the stream (the LayerNorm, the residual Add) reads the sum
+        for i, name in enumerate(n.input):
+            if name == stream:
+                n.input[i] = raw
+    out.graph.initializer.append(tensor(bump, f"{stream}_massive"))
+    at = next(i for i, n in enumerate(out.graph.node) if raw in n.input)
+    out.graph.node.insert(at, onnx.helper.make_node("Add", [stream, f"{stream}_massive"], [raw],
+                                                    name=f"{stream}_massive_Add"))
+    return out

@@ -27,11 +27,14 @@ saturating int16; both CPU runtimes shift int8 activations to uint8 first. With
 full-range weights the pairs overflow. Measured on an AVX2-only CPU (logit
 cosine to FP32): OpenVINO INT8 vit-b16 0.924; vit-ti16 at 64 px 0.984 on ONNX
 Runtime where the same Q/DQ arithmetic done exactly gives 0.995. Weights in
-[-63, 63] (7 bits) cannot overflow, and then the INT8 kernels match the exact
-arithmetic on any CPU, for ~0.001 of cosine on CPUs that have VNNI. So `auto`
-uses 7-bit weights whenever a CPU runtime may run the model and full 8-bit
-weights for TensorRT alone (GPUs do not saturate); `first-layer` is NNCF's
-default (the layer that reads the image only).
+[-63, 63] (7 bits) cannot overflow, but double the weight rounding error (~0.001
+of cosine). Only same-sign pairs of rows (2i, 2i+1) over 128 in all can, so the
+fix keeps a Linear's weights at +-127 steps and pulls just those pairs back
+(weight_pairs.py): the kernels then match the exact arithmetic on any CPU.
+Convolutions (their input packed otherwise) and the second operand of the
+attention products get 7 bits. `auto` applies the fix whenever a CPU runtime
+may run the model and keeps plain 8-bit weights for TensorRT alone (GPUs do not
+saturate); `first-layer` is NNCF's default (the layer that reads the image only).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import calibration_stats as cs
-from . import onnx_io
+from . import onnx_io, weight_pairs
 from .errors import CheckFailed, UserError
 from .images import list_images, load_images, split_for_calibration
 from .metrics import cosine  # noqa: F401  (one definition, shared with the parity check)
@@ -58,7 +61,7 @@ log = logging.getLogger("vit_deploy")
 METHODS = cs.METHODS
 SCHEMES = ("symmetric", "asymmetric")
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-RECIPE = "mse-smoothquant-mul-auto7-biascorr-attention-v5"  # in the stage's cache key: a new recipe rebuilds old bundles
+RECIPE = "mse-smoothquant-mul-auto7-biascorr-attention-pairsafe-v6"  # in the stage's cache key: a new recipe rebuilds old bundles
 SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
 MUL_GAIN = 0.5  # an explicit smoothing Mul must at least halve the Linear's output error to be worth its op
 
@@ -170,7 +173,7 @@ def _cache_dir() -> Path:
 
 def _calib_key(model_sha: str, image_shas: list[str], method: str, pre: Preprocessing, tensors: list[str],
                smooth) -> str:
-    blob = json.dumps(["stats-v4", model_sha, image_shas, method, pre.to_dict(), tensors, smooth,
+    blob = json.dumps(["stats-v5", model_sha, image_shas, method, pre.to_dict(), tensors, smooth,
                        cs.PERCENTILE, cs.BINS, ALPHAS, MUL_ALPHAS, MUL_GAIN])  # the smoothing factors depend on these
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -217,7 +220,7 @@ def _smoothing(x_max, w_max, alpha):
     return np.clip(s, 1e-4, 1e4)
 
 
-def _product_error(x: np.ndarray, w: np.ndarray, s: np.ndarray, x_amax: float, top: int) -> float:
+def _product_error(x: np.ndarray, w: np.ndarray, s: np.ndarray, x_amax: float, top) -> float:
     """Relative squared error of x @ w when x / s is quantized per tensor (MSE threshold)
     and w * s per output column: what one migration choice costs the Linear outputs."""
     x, w, s = x.astype(np.float32), w.astype(np.float32), s.astype(np.float32)  # one dtype: BLAS, not a loop
@@ -248,7 +251,7 @@ def smoothable_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def smooth_layernorms(model: onnx.ModelProto, stats: dict, samples: dict, quantized_weights: set[str], alpha,
-                      weight_top: int = 127, in_place: bool = False):
+                      weight_top=127, in_place: bool = False):
     """SmoothQuant: where every reader of a tensor is a quantized Linear, divide channel j
     by s_j = max|x_j|^a / max|W_j|^(1-a) and multiply the readers' weight rows by it.
     After a LayerNorm it goes into gamma and beta (free at run time); elsewhere (fc2,
@@ -315,8 +318,13 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def quantize_weight(w: np.ndarray, axis: int, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8 in [-top, top]: (int8 values, per-channel scale)."""
+PAIR_SAFE = "pairs"  # a weight level: +-127 steps, safe for 16-bit pair sums (see weight_pairs)
+
+
+def quantize_weight(w: np.ndarray, axis: int, top) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 in [-top, top] (or PAIR_SAFE): (int8 values, per-channel scale)."""
+    if top == PAIR_SAFE:
+        return weight_pairs.quantize_pair_safe(w, axis)
     red = tuple(i for i in range(w.ndim) if i != axis)
     scale = np.maximum(np.abs(w).max(axis=red), 1e-12) / top
     shape = [1] * w.ndim
@@ -460,18 +468,18 @@ def first_layer(model: onnx.ModelProto, targets: list[QTarget]) -> list[QTarget]
     return [t for t in targets if t.weight is not None and fed_by_input_only(t.activation)]
 
 
-def weight_levels(model: onnx.ModelProto, targets: list[QTarget], overflow_fix: str) -> dict[str, int]:
-    """Largest int8 weight magnitude per weight tensor: 63 where the (resolved) overflow fix
-    applies; tensors not listed keep 127."""
+def weight_levels(model: onnx.ModelProto, targets: list[QTarget], overflow_fix: str) -> dict:
+    """The int8 range per weight tensor where the (resolved) overflow fix applies: PAIR_SAFE
+    for a Linear's 2-D weight, 63 for a convolution's; tensors not listed keep +-127."""
     fixed = first_layer(model, targets) if overflow_fix == "first-layer" else targets if overflow_fix == "all" else []
-    return {t.weight: 63 for t in fixed if t.weight is not None}
+    return {t.weight: PAIR_SAFE if t.op_type in ("MatMul", "Gemm") else 63 for t in fixed if t.weight is not None}
 
 
 def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str, list[float]],
-               scheme: str = "symmetric", levels: dict[str, int] | None = None,
+               scheme: str = "symmetric", levels: dict | None = None,
                in_place: bool = False, operand_levels: int = 127) -> onnx.ModelProto:
     """Q/DQ on each target's activation (per tensor) and weight (per channel, int8, symmetric;
-    `levels` caps some weights at +-63, see the overflow fix above; `operand_levels` does the
+    `levels` gives some weights 7 bits or pair-safe 8 bits, see the overflow fix above; `operand_levels` does the
     same for the second operand of activation x activation products, see _clip_operand)."""
     inits = _initializers(model)
     new_nodes, new_inits = [], []
@@ -591,7 +599,7 @@ def preprocessing_of(model: onnx.ModelProto, model_path=None, img_size=None, mea
 
 
 def calibrate(model, targets, excluded, calib, method: str, smooth, cache_key: str | None,
-              recalibrate: bool = False, in_place: bool = False, weight_top: int = 127):
+              recalibrate: bool = False, in_place: bool = False, weight_top=127):
     """Statistics, outlier migration and clipping thresholds for the quantized tensors.
     Returns (smoothed model, statistics, {tensor: threshold}, {tensor: s}, cache hit).
     `in_place` smooths `model` itself: one copy of the weights less (vit-h14: 2.5 GB)."""
@@ -681,7 +689,7 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
     norms = set(_layernorm_outputs(model))
     smoothed, stats, thresholds, factors, hit = calibrate(model, chosen, excluded, calib, method, smooth, key,
                                                            recalibrate, in_place=not keep_original,
-                                                           weight_top=63 if overflow_fix == "all" else 127)
+                                                           weight_top=PAIR_SAFE if overflow_fix == "all" else 127)
     ranges = {t: [thresholds[t], float(stats[t].lo.min()), float(stats[t].hi.max())] for t in thresholds}
     s_targets = find_targets(smoothed, attention)  # smoothing gave the rescaled weights new names
     levels = weight_levels(smoothed, s_targets, overflow_fix)
@@ -711,7 +719,7 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
     result.attention_products = len({t.node for t in targets if t.weight is None} - excluded)
     result.excluded = sorted(excluded)
     meta = onnx_io.get_metadata(qmodel)
-    result.seven_bit_weights = sorted({t.weight for t in s_targets if t.weight in levels
+    result.seven_bit_weights = sorted({t.weight for t in s_targets if levels.get(t.weight) == 63
                                        and t.node in result.quantized})
     meta.update({"quantization": {"method": method, "scheme": f"activations {scheme}, weights int8 symmetric per channel",
                                   "overflow_fix": overflow_fix, "seven_bit_weights": result.seven_bit_weights,

@@ -15,10 +15,11 @@ Only the activations of products with a constant weight change:
 - The attention products keep int8 operands. With uint8 ones OpenVINO no longer
   fuses Q.K^T -> Softmax -> P.V into its INT8 attention kernel (24 float MatMuls
   on a ViT-S/16 instead of 12 INT8 subgraphs, and slower than the int8 form).
-- Only where every such weight is within +-63 (the overflow fix, on by default for
-  CPU targets). CPUs without VNNI or dot-product instructions add pairs of 8-bit
-  products in 16 bits: 255 x 63 x 2 fits, 255 x 127 x 2 does not, while the int8
-  form's 127 x 127 x 2 did. A file quantized with the fix off stays as it was.
+- Only where every such weight fits 16-bit pair sums (the overflow fix, on by default
+  for CPU targets: weight_pairs.py, or +-63). CPUs without VNNI or dot-product
+  instructions add pairs of 8-bit products in 16 bits: 255 x 128 fits, 255 x 127 x 2
+  does not. A file quantized with the fix off
+  stays as it was.
 
 A second, exact rewrite moves a Transpose on an attention operand (timm's
 k.transpose(-2, -1), then the scale, the clip and the Q/DQ pair) to just before
@@ -31,13 +32,25 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .. import onnx_io
+from .. import onnx_io, weight_pairs
 from .ort_int8 import to_uint8_activations
 
 PRODUCTS = ("MatMul", "Gemm", "Conv")
 # Elementwise with scalar operands: they commute with any permutation of their input.
 PER_TENSOR = ("Mul", "Div", "Clip", "QuantizeLinear", "DequantizeLinear")
 SAFE_WEIGHT = 63  # 255 * 63 * 2 = 32130 <= 32767
+
+
+def _fits_16_bit_sums(node, t: onnx.TensorProto) -> bool:
+    """An int8 weight whose pairs of products with uint8 activations fit 16 bits: a Linear's
+    made pair-safe (weight_pairs.py), or any product's within +-63."""
+    if t.data_type != onnx.TensorProto.INT8:
+        return False
+    q = onnx_io.array(t)
+    if int(np.abs(q.astype(np.int16)).max(initial=0)) <= SAFE_WEIGHT:
+        return True
+    trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    return node.op_type in ("MatMul", "Gemm") and q.ndim == 2 and weight_pairs.fits(q, 1 if trans_b else 0)
 
 
 def _small_weight_products(model: onnx.ModelProto):
@@ -52,11 +65,9 @@ def _small_weight_products(model: onnx.ModelProto):
             if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
                 continue
             w = dq.input[0]
-            if w not in safe:
-                t = inits[w]
-                safe[w] = t.data_type == onnx.TensorProto.INT8 and \
-                    int(np.abs(onnx_io.array(t).astype(np.int16)).max(initial=0)) <= SAFE_WEIGHT
-            return safe[w]
+            if (w, node.op_type) not in safe:
+                safe[(w, node.op_type)] = _fits_16_bit_sums(node, inits[w])
+            return safe[(w, node.op_type)]
         return False  # no constant operand: an attention product
 
     def accept(dequantizers) -> bool:

@@ -19,6 +19,7 @@ trained Fashion-MNIST model (benchmarks/fashion_mnist.py) adds top-1 on its test
     python benchmarks/int8_peers.py --graphs hf-vit-op14 --batches 1 --iters 20
     python benchmarks/int8_peers.py --graphs vit-b16 --no-outliers   # the 3.0x line
     python benchmarks/int8_peers.py --mlp-outliers --batches 1     # both stand-ins
+    python benchmarks/int8_peers.py --massive-tokens --small --batches 1
 
 Needs `pip install nncf timm transformers`. Writes benchmarks/out/int8_peers.md.
 """
@@ -126,7 +127,7 @@ def prepare_graph(kind: str, work: Path, args):
 
     from foreign_graphs import make_graph
     from vit_deploy.images import default_calibration_dir, list_images, load_images, split_for_calibration
-    from vit_deploy.layernorm_scaling import inject_mlp_outliers, inject_outliers
+    from vit_deploy.layernorm_scaling import inject_massive_tokens, inject_mlp_outliers, inject_outliers
     from vit_deploy.quantize import preprocessing_of
 
     if kind == "fashion-mnist":  # trained: judged by top-1 on the test set, no stand-in outliers
@@ -152,6 +153,9 @@ def prepare_graph(kind: str, work: Path, args):
     if args.mlp_outliers:  # a different function: every artifact is judged against this FP32
         fp32 = work / f"{kind}.mlp-outliers.onnx"
         onnx.save(inject_mlp_outliers(onnx.load(str(src))), str(fp32))
+    if args.massive_tokens:  # also a different function
+        onnx.save(inject_massive_tokens(onnx.load(str(fp32))), str(work / f"{kind}.massive.onnx"))
+        fp32 = work / f"{kind}.massive.onnx"
     if not args.no_outliers:
         onnx.save(inject_outliers(onnx.load(str(fp32))), str(work / f"{kind}.outliers.onnx"))
         fp32 = work / f"{kind}.outliers.onnx"
@@ -254,6 +258,8 @@ def main() -> None:
     ap.add_argument("--no-outliers", action="store_true", help="no LayerNorm outlier stand-in (inject_outliers)")
     ap.add_argument("--mlp-outliers", action="store_true",
                     help="also the massive fc2-input channels of trained ViTs (inject_mlp_outliers)")
+    ap.add_argument("--massive-tokens", action="store_true",
+                    help="also a few tokens with a huge residual value on two channels (inject_massive_tokens)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "int8_peers.md")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -264,7 +270,8 @@ def main() -> None:
             rows += run_graph(kind, Path(tmp) / kind, args)
             print(table([r for r in rows if r["graph"] == kind]), flush=True)
     head = (f"{datetime.date.today()}, {cpu_name()}, {args.threads} threads, LayerNorm outliers "
-            f"{'off' if args.no_outliers else 'on'}, MLP outliers {'on' if args.mlp_outliers else 'off'}")
+            f"{'off' if args.no_outliers else 'on'}, MLP outliers {'on' if args.mlp_outliers else 'off'}, "
+            f"massive tokens {'on' if args.massive_tokens else 'off'}")
     text = head + "\n\n" + table(rows) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -85,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     from vit_deploy.quantize import quantize
 
-    graph_args = argparse.Namespace(small=False, mlp_outliers=False, no_outliers=True)
+    graph_args = argparse.Namespace(small=False, mlp_outliers=False, massive_tokens=False, no_outliers=True)
     with tempfile.TemporaryDirectory(prefix="int8-profile-") as tmp:
         work = Path(tmp)
         fp32, pre, calib_dir, calib, photos, _ = peers.prepare_graph(args.graph, work / "graph", graph_args)

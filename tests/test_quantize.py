@@ -30,7 +30,7 @@ def own_cache(tmp_path, monkeypatch):
 
 
 def test_recipe_symmetric_per_channel_and_what_stays_float(tiny, calib_dir, tmp_path):
-    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8)
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8, recipe="smoothquant")
     m = onnx.load(str(tmp_path / "q.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     producers = {o: n for n in m.graph.node for o in n.output}
@@ -54,6 +54,76 @@ def test_recipe_symmetric_per_channel_and_what_stays_float(tiny, calib_dir, tmp_
         if n.op_type in ("LayerNormalization", "Softmax", "Erf", "Add"):
             assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in n.input), n.name
     assert r.excluded == ["/head/MatMul"] or any("head" in e for e in r.excluded)
+
+
+def _correlation_worst(a, b):
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return min(np.corrcoef(x, y)[0, 1] for x, y in zip(a, b))
+
+
+def test_plain_recipe_is_centred_and_tensorrt_valid(tiny, calib_dir, tmp_path):
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8, recipe="plain")
+    assert r.recipe == "plain" and r.attention_products == 0 and not r.recipe_scores
+    m = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert inits[n.input[2]].dtype == np.int8 and not inits[n.input[2]].any(), n.name
+    quantized = [n for n in m.graph.node if n.op_type in ("MatMul", "Conv", "Gemm")
+                 and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input[:2])]
+    assert len(quantized) == len(r.quantized) == 4 * 12 and not any(n.op_type == "Conv" for n in quantized)
+    # GELU's output is one-sided: fc2 reads it through x - c, and its bias took + c . W_q
+    subs = [n for n in m.graph.node if n.op_type == "Sub" and n.output[0] in {p.input[0] for p in m.graph.node
+                                                                            if p.op_type == "QuantizeLinear"}]
+    assert len(subs) >= 12
+    # with every activation Q/DQ bypassed (the centring and the 8-bit weights kept) only weight rounding is
+    # left: a wrong shift (c is about half of GELU's range) would cost far more than that
+    bypass = onnx.ModelProto()
+    bypass.CopyFrom(m)
+    for n in bypass.graph.node:
+        for i, x in enumerate(n.input):
+            dq = producers.get(x)
+            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] not in inits:
+                n.input[i] = producers[dq.input[0]].input[0]
+    from vit_deploy.images import load_images
+    from vit_deploy.zoo import Preprocessing
+    x = load_images(list_images(calib_dir)[:4], Preprocessing(img_size=64))[0]
+    import onnxruntime as ort
+    run = lambda model: ort.InferenceSession(model.SerializeToString(),  # noqa: E731
+                                             providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    fp32 = ort_session(tiny).run(None, {"images": x})[0]
+    assert _correlation_worst(fp32, run(bypass)) > 0.999
+
+
+def test_auto_recipe_keeps_the_one_closer_to_fp32(tiny, calib_dir, tmp_path):
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8)
+    assert set(r.recipe_scores) == {"smoothquant", "plain"}
+    best = max(r.recipe_scores, key=lambda k: r.recipe_scores[k]["worst"])
+    assert r.recipe == best
+    from vit_deploy.onnx_io import get_metadata
+    assert get_metadata(onnx.load(str(tmp_path / "q.onnx")))["quantization"]["recipe"] == best
+
+
+def test_first_layer_ignores_shape_only_paths_from_the_input(tmp_path):
+    """A DINOv2 graph resizes its position grid from Shape(input): that is not pixels."""
+    from onnx import TensorProto, helper
+
+    from vit_deploy.quantize import find_targets, first_layer
+    rng = np.random.default_rng(0)
+    w_conv = numpy_helper.from_array(rng.standard_normal((8, 3, 4, 4)).astype(np.float32), "wc")
+    w_fc = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "wf")
+    nodes = [helper.make_node("Conv", ["input", "wc"], ["c"], name="patch", strides=[4, 4]),
+             helper.make_node("Shape", ["input"], ["shape"], name="shape"),
+             helper.make_node("Cast", ["shape"], ["shape_f"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("ReduceSum", ["shape_f"], ["s"], keepdims=0, name="sum"),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1], name="tr"),
+             helper.make_node("Mul", ["t", "s"], ["ts"], name="pos"),
+             helper.make_node("MatMul", ["ts", "wf"], ["out"], name="fc")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], [w_conv, w_fc])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert [t.node for t in first_layer(m, find_targets(m))] == ["patch"]
 
 
 def test_fidelity_on_held_out_photos_ort_and_openvino(tiny, calib_dir, tmp_path):
@@ -216,8 +286,8 @@ def test_weights_on_disk_give_the_same_int8_model(tiny, calib_dir, tmp_path, mon
     ext = tmp_path / "ext" / "model.onnx"
     ext.parent.mkdir()
     assert io.save(io.load(tiny), ext, external=True) == ["model.onnx", "model.onnx.data"]
-    quantize(tiny, calib_dir, tmp_path / "inline.int8.onnx", calib_size=8)
-    quantize(ext, calib_dir, tmp_path / "ext.int8.onnx", calib_size=8)
+    quantize(tiny, calib_dir, tmp_path / "inline.int8.onnx", calib_size=8, recipe="smoothquant")  # auto: in-memory models only
+    quantize(ext, calib_dir, tmp_path / "ext.int8.onnx", calib_size=8, recipe="smoothquant")
     a, b = (onnx.load(str(tmp_path / f"{k}.int8.onnx")) for k in ("inline", "ext"))
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
     wa = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
@@ -263,7 +333,7 @@ def test_overflow_fix_keeps_int16_pairs_from_saturating(tiny, calib_dir, tmp_pat
     from vit_deploy import weight_pairs
     from vit_deploy.images import load_images
     from vit_deploy.quantize import preprocessing_of
-    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8, overflow_fix=fix)
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8, overflow_fix=fix, recipe="smoothquant")  # its patch conv is in INT8
     m = onnx.load(str(tmp_path / "q.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     weights = {k[:-len("_int8")]: v for k, v in inits.items() if k.endswith("_int8")}

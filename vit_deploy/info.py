@@ -42,6 +42,9 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
         bits = "8-bit" + (", pair-safe for 16-bit sums" if q.get("overflow_fix") == "all" else "")
         if q.get("seven_bit_weights"):
             bits += f", 7-bit on {len(q['seven_bit_weights'])} tensor(s)"
+        if q.get("recipe"):
+            scores = ", ".join(f"{k} {v['worst']:.5f}" for k, v in (q.get("recipe_scores") or {}).items())
+            lines.append(f"int8       recipe {q['recipe']}" + (f" (worst output correlation: {scores})" if scores else ""))
         lines.append(f"int8       {q['method']} calibration on {len(q['calibration_images'])} images, "
                      f"{q['quantized_nodes']} matrix products, weights {bits} (overflow fix {q.get('overflow_fix', 'off')})")
         if q.get("smoothquant") is not None:

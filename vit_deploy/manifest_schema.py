@@ -171,7 +171,11 @@ QUANTIZATION = record(
               "overflow_fix": _name, "seven_bit_weights": list_of(_text),
               "smoothquant": _name, "smoothed_layernorms": integer(0, MAX_LIST),
               "smoothed_products": integer(0, MAX_LIST),
-              "bias_corrected": integer(0, MAX_LIST), "attention_products": integer(0, MAX_LIST)})
+              "bias_corrected": integer(0, MAX_LIST), "attention_products": integer(0, MAX_LIST),
+              "recipe": string(("smoothquant", "plain")),
+              "recipe_scores": mapping(record(required={"worst": number(-1, 1, finite=True),
+                                                        "mean": number(-1, 1, finite=True)}),
+                                       key_node=string(("smoothquant", "plain")), max_len=2)})
 
 ARTIFACT = record(
     required={"backend": string(ARTIFACT_BACKENDS), "precision": string(PRECISIONS), "path": rel_path,

@@ -59,9 +59,11 @@ from .zoo import Preprocessing
 
 log = logging.getLogger("vit_deploy")
 METHODS = cs.METHODS
-SCHEMES = ("symmetric", "asymmetric")
+SCHEMES = ("symmetric", "centred", "asymmetric")
+RECIPES = ("auto", "smoothquant", "plain")
+SELECT_IMAGES = 8  # "auto" compares the recipes' outputs on this many held-out (else calibration) images
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-RECIPE = "mse-smoothquant-mul-auto7-biascorr-attention-pairsafe-v6"  # in the stage's cache key: a new recipe rebuilds old bundles
+RECIPE = "auto-smoothquant-or-plain-centred-v7"  # in the stage's cache key: a new recipe rebuilds old bundles
 SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
 MUL_GAIN = 0.5  # an explicit smoothing Mul must at least halve the Linear's output error to be worth its op
 
@@ -103,6 +105,8 @@ class QuantResult:
     smoothed_products: int = 0  # tensors smoothed by an explicit Mul (no LayerNorm before them)
     bias_corrected: int = 0
     attention_products: int = 0  # activation x activation MatMuls quantized
+    recipe: str = "smoothquant"
+    recipe_scores: dict = field(default_factory=dict)
 
 
 def _initializers(model) -> dict:
@@ -463,7 +467,9 @@ def first_layer(model: onnx.ModelProto, targets: list[QTarget]) -> list[QTarget]
             return cache[tensor]
         cache[tensor] = False  # guards against cycles
         n = producers.get(tensor)
-        ok = tensor in inputs if n is None else (n.op_type not in products and
+        # Shape and Size carry the input's dimensions, not its pixels: a DINOv2 graph resizes its
+        # position grid from them, and every LayerNorm looked "fed by the image" through it
+        ok = tensor in inputs if n is None else (n.op_type not in products + ("Shape", "Size") and
                                                  any(fed_by_input_only(i) for i in n.input if i))
         cache[tensor] = ok
         return ok
@@ -485,14 +491,25 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
     same for the second operand of activation x activation products, see _clip_operand)."""
     inits = _initializers(model)
     new_nodes, new_inits = [], []
+    centres = _centres(model, targets, ranges, levels or {}) if scheme == "centred" else {}
     act_dq: dict[str, str] = {}
     weight_dq: dict[str, str] = {}
     rewire: dict[tuple[str, int], str] = {}
     for t in targets:
         if t.activation not in act_dq:
-            second = t.weight is None and t.input_index == 1 and scheme == "symmetric"
-            scale, zp = activation_qparams(*ranges[t.activation], scheme, operand_levels if second else 127)
+            second = t.weight is None and t.input_index == 1 and scheme != "asymmetric"
             src = t.activation
+            if t.activation in centres:
+                c = centres[t.activation]
+                _, lo, hi = ranges[t.activation]
+                scale, zp = activation_qparams(max(hi - c, c - lo), lo - c, hi - c, "symmetric")
+                tag = _safe(t.activation) + "_centre"
+                new_inits.append(numpy_helper.from_array(np.array(c, np.float32), tag))
+                new_nodes.append(helper.make_node("Sub", [src, tag], [tag + "d"], name=tag + "_Sub"))
+                src = tag + "d"
+            else:
+                scale, zp = activation_qparams(*ranges[t.activation], "symmetric" if scheme == "centred" else scheme,
+                                               operand_levels if second else 127)
             if second:
                 src = _clip_operand(new_nodes, new_inits, src, float(scale), operand_levels, _safe(src))
             act_dq[t.activation] = _qdq_pair(new_nodes, new_inits, src, scale, None, _safe(t.activation), zp)
@@ -530,6 +547,52 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
     if out.opset_import[0].version < 13:
         raise UserError("per-channel Q/DQ needs opset >= 13")
     return out
+
+
+def _centres(model: onnx.ModelProto, targets: list[QTarget], ranges: dict, levels: dict) -> dict[str, float]:
+    """The "centred" scheme (in place on the readers' biases): quantize x - c, c the middle of
+    x's range, symmetrically with zero point 0, and add c * (sum of each weight column) to
+    the bias. Exact, and TensorRT-valid, yet it spends all 256 levels on a one-sided tensor
+    (GELU's output, which fc2 reads), as an asymmetric uint8 would. Only where every
+    quantized reader has a weight and a constant bias to take the shift; the others stay
+    plain symmetric. Returns {tensor: c}."""
+    inits, producers, consumers = onnx_io.graph_index(model)
+    nodes = {n.name: n for n in model.graph.node}
+    readers: dict[str, list[QTarget]] = {}
+    for t in targets:
+        readers.setdefault(t.activation, []).append(t)
+    centres = {}
+    for tensor, ts in readers.items():
+        clip, lo, hi = ranges[tensor]
+        lo, hi = max(lo, -clip), min(hi, clip)
+        c = (lo + hi) / 2
+        if abs(c) < 0.05 * max(hi - lo, 1e-12):  # already about symmetric: a Sub for nothing
+            continue
+        if any(t.weight is None or t.op_type == "Conv" for t in ts):
+            continue
+        for t in ts:
+            w = onnx_io.array(inits[t.weight]).astype(np.float32)
+            q, scale = quantize_weight(w, t.axis, levels.get(t.weight, 127))
+            wq = q.astype(np.float64) * (scale[None, :] if t.axis == 1 else scale[:, None])
+            shift = c * wq.sum(axis=0 if t.axis == 1 else 1)  # the int8 product sees x - c
+            node = nodes[t.node]
+            ref = _bias_ref(node, producers, consumers, inits)
+            name = f"{_safe(node.name)}_bias_centred"
+            if ref is not None:
+                add, idx, init = ref
+                shift = shift + onnx_io.array(inits[init]).astype(np.float64)
+                add.input[idx] = name
+            elif t.op_type == "Gemm":
+                node.input.extend([""] * (3 - len(node.input)))
+                node.input[2] = name
+            else:  # a MatMul without a bias (vit-deploy's own export): give it one
+                out = node.output[0]
+                node.output[0] = out + "_uncentred"
+                model.graph.node.append(helper.make_node("Add", [node.output[0], name], [out], name=name + "_Add"))
+            model.graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32), name))
+            inits[name] = model.graph.initializer[-1]
+        centres[tensor] = float(c)
+    return centres
 
 
 def _safe(name: str) -> str:
@@ -603,7 +666,8 @@ def preprocessing_of(model: onnx.ModelProto, model_path=None, img_size=None, mea
 def calibrate(model, targets, excluded, calib, method: str, smooth, cache_key: str | None,
               recalibrate: bool = False, in_place: bool = False, weight_top=127):
     """Statistics, outlier migration and clipping thresholds for the quantized tensors.
-    Returns (smoothed model, statistics, {tensor: threshold}, {tensor: s}, cache hit).
+    Returns (smoothed model, statistics, {tensor: threshold}, {tensor: s}, cache hit,
+    statistics before smoothing).
     `in_place` smooths `model` itself: one copy of the weights less (vit-h14: 2.5 GB)."""
     tensors = list(dict.fromkeys(t.activation for t in targets))
     cache = _cache_dir() / f"{cache_key}.npz" if cache_key else None
@@ -612,7 +676,7 @@ def calibrate(model, targets, excluded, calib, method: str, smooth, cache_key: s
             stats0, thresholds, factors = _load_calibration(cache)
             smoothed, stats = apply_factors(model, stats0, factors, in_place)
             log.info("calibration: reusing cached statistics (%s)", cache.name)
-            return smoothed, stats, thresholds, factors, True
+            return smoothed, stats, thresholds, factors, True, stats0
         except (OSError, ValueError, KeyError):
             log.warning("calibration cache %s is unreadable; recalibrating", cache.name)
     sampled = tuple(smoothable_tensors(model)) if smooth == "auto" else ()
@@ -626,20 +690,22 @@ def calibrate(model, targets, excluded, calib, method: str, smooth, cache_key: s
     thresholds = {t: cs.threshold(method, hists.get(t), amax[t]) for t in tensors}
     if cache:
         _save_calibration(cache, stats0, thresholds, factors)
-    return smoothed, stats, thresholds, factors, False
+    return smoothed, stats, thresholds, factors, False, stats0
 
 
 def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), calib_size: int = 32,
              max_drop: float | None = None, img_size=None, mean=None, std=None, preset: str | None = None,
              attention: bool = True, report: bool = False, recalibrate: bool = False, scheme: str = "symmetric",
              overflow_fix: str = "auto", smooth="auto",
-             bias_correction: bool = True) -> QuantResult:
+             bias_correction: bool = True, recipe: str = "auto") -> QuantResult:
     """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring)."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserError(f"model not found: {model_path}")
     if scheme not in SCHEMES:
         raise UserError(f"unknown scheme '{scheme}': choose from {', '.join(SCHEMES)}")
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe '{recipe}': choose from {', '.join(RECIPES)}")
     if method not in METHODS:
         raise UserError(f"unknown calibration method '{method}': choose from {', '.join(METHODS)}")
     if calib_size < 1:
@@ -658,12 +724,12 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
                                 calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=mean, std=std,
                                 preset=preset, attention=attention, report=report, recalibrate=recalibrate,
                                 scheme=scheme, overflow_fix=overflow_fix, smooth=smooth,
-                                bias_correction=bias_correction)
+                                bias_correction=bias_correction, recipe=recipe)
 
 
 def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude, calib_size, max_drop, img_size,
                      mean, std, preset, attention, report, recalibrate, scheme, overflow_fix, smooth,
-                     bias_correction) -> QuantResult:
+                     bias_correction, recipe) -> QuantResult:
     from .weights import sha256_file
 
     pre, pre_source = preprocessing_of(model, model_path, img_size, mean, std, preset)
@@ -689,9 +755,20 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
                      [smooth, overflow_fix])
     keep_original = report or max_drop is not None  # the per-layer report and the fallback compare with it
     norms = set(_layernorm_outputs(model))
-    smoothed, stats, thresholds, factors, hit = calibrate(model, chosen, excluded, calib, method, smooth, key,
-                                                           recalibrate, in_place=not keep_original,
-                                                           weight_top=PAIR_SAFE if overflow_fix == "all" else 127)
+    # "auto" also builds the plain recipe and keeps the one that answers more like FP32; it
+    # needs `model` intact, and is skipped where that would cost what a big model cannot
+    # spare (external weights: vit-h14) or where --report / --max-drop work on the first.
+    given = scheme != "symmetric" or method != "mse" or smooth != "auto" or not attention  # options asked for
+    choose = recipe == "auto" and not given and not keep_original and not onnx_io.has_external(model)
+    if recipe == "auto" and not choose:
+        log.info("recipe: smoothquant (auto weighs the plain recipe only with the default options, without "
+                 "--report/--max-drop, for models under 2 GB)")
+    if recipe == "plain" and keep_original:
+        raise UserError("--report and --max-drop work with the smoothquant recipe, not with --recipe plain")
+    keep_original = keep_original or choose or recipe == "plain"
+    smoothed, stats, thresholds, factors, hit, stats0 = calibrate(
+        model, chosen, excluded, calib, method, smooth, key, recalibrate, in_place=not keep_original,
+        weight_top=PAIR_SAFE if overflow_fix == "all" else 127)
     ranges = {t: [thresholds[t], float(stats[t].lo.min()), float(stats[t].hi.max())] for t in thresholds}
     s_targets = find_targets(smoothed, attention)  # smoothing gave the rescaled weights new names
     levels = weight_levels(smoothed, s_targets, overflow_fix)
@@ -708,9 +785,24 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
                           operand_levels=63 if overflow_fix == "all" else 127)
 
     qmodel = build(excluded)
+    chosen_recipe, scores = "smoothquant", {}
+    if choose or recipe == "plain":
+        plain, plain_excluded, plain_corrected = build_plain(model, targets, excluded, stats0, overflow_fix,
+                                                            bias_correction)
+        if choose:
+            scores = compare_recipes(model, {"smoothquant": qmodel, "plain": plain},
+                                     load_images((held_paths or calib_paths)[:SELECT_IMAGES], pre)[0])
+        if recipe == "plain" or scores["plain"]["worst"] > scores["smoothquant"]["worst"]:
+            chosen_recipe, qmodel, excluded, corrected[0] = "plain", plain, plain_excluded, plain_corrected
+            s_targets, levels, factors = find_targets(model, False), weight_levels(model, targets, overflow_fix), {}
+    if choose:
+        log.info("recipe: %s (output correlation worst/mean on %d images: %s)", chosen_recipe,
+                 min(SELECT_IMAGES, len(held_paths or calib_paths)),
+                 ", ".join(f"{k} {v['worst']:.5f}/{v['mean']:.5f}" for k, v in scores.items()))
     result = QuantResult(out, [], sorted(excluded), method, [p.name for p in calib_paths], [p.name for p in held_paths],
                          cache_hit=hit, preprocessing=pre.to_dict(), preprocessing_source=pre_source,
-                         smoothed_layernorms=len(set(factors) & norms), smoothed_products=len(set(factors) - norms))
+                         smoothed_layernorms=len(set(factors) & norms), smoothed_products=len(set(factors) - norms),
+                         recipe=chosen_recipe, recipe_scores=scores)
     if report or max_drop is not None:
         result.report = layer_report(model, qmodel, targets, excluded, calib)
     if max_drop is not None:
@@ -719,11 +811,17 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
     result.bias_corrected = corrected[0]
     result.quantized = sorted({t.node for t in targets} - excluded)
     result.attention_products = len({t.node for t in targets if t.weight is None} - excluded)
+    if chosen_recipe == "plain":
+        result.attention_products = 0
     result.excluded = sorted(excluded)
     meta = onnx_io.get_metadata(qmodel)
     result.seven_bit_weights = sorted({t.weight for t in s_targets if levels.get(t.weight) == 63
                                        and t.node in result.quantized})
-    meta.update({"quantization": {"method": method, "scheme": f"activations {scheme}, weights int8 symmetric per channel",
+    plain = chosen_recipe == "plain"
+    meta.update({"quantization": {"recipe": chosen_recipe, "recipe_scores": scores,
+                                  "method": "minmax" if plain else method,
+                                  "scheme": f"activations {'centred' if plain else scheme}, weights int8 symmetric "
+                                            "per channel",
                                   "overflow_fix": overflow_fix, "seven_bit_weights": result.seven_bit_weights,
                                   "smoothquant": str(smooth), "smoothed_layernorms": result.smoothed_layernorms,
                                   "smoothed_products": result.smoothed_products,
@@ -737,6 +835,45 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
         raise CheckFailed(f"top-1 agreement {result.agreement:.4f} misses 1 - max_drop even with every "
                           f"layer in float; wrote {out} anyway")
     return result
+
+
+def build_plain(model: onnx.ModelProto, targets: list[QTarget], excluded: set[str], stats0: dict, overflow_fix: str,
+                bias_correction: bool) -> tuple[onnx.ModelProto, set[str], int]:
+    """The plain recipe, for trained ViTs whose rare large activations carry meaning: the
+    full calibration range (no clipping: the massive activations of a DINOv2's class token
+    are 10 elements among millions, and clipping them moved every output), no migration,
+    activations centred (see _centres), the Linears only (softmax x V in 8 bits lost most
+    of a diffuse attention row) and the layer that reads the image in float (its 7-bit
+    weights alone cost a trained DINOv2 ViT-S/14 a worst-image correlation of 0.9934 -> 0.9852).
+    Returns (model, products in float, biases corrected)."""
+    skip = excluded | {t.node for t in first_layer(model, targets)} | {t.node for t in targets if t.weight is None}
+    chosen = [t for t in targets if t.node not in skip and t.activation in stats0]
+    ranges = {}
+    for t in chosen:
+        lo, hi = float(stats0[t.activation].lo.min()), float(stats0[t.activation].hi.max())
+        ranges[t.activation] = [max(abs(lo), abs(hi)), lo, hi]
+    out = _copy(model)
+    levels = weight_levels(model, chosen, overflow_fix)
+    corrected = correct_biases(out, chosen, stats0, levels) if bias_correction else 0
+    out = insert_qdq(out, chosen, ranges, "centred", levels, in_place=True)
+    return out, {t.node for t in targets} - {t.node for t in chosen}, corrected
+
+
+def _correlations(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    a = ref.reshape(len(ref), -1).astype(np.float64)
+    b = out.reshape(len(out), -1).astype(np.float64)
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def compare_recipes(model: onnx.ModelProto, candidates: dict, images: np.ndarray) -> dict:
+    """{recipe: {"worst", "mean"}}: each candidate's per-image output correlation with FP32."""
+    ref = _run(model, images)[0]
+    scores = {}
+    for name, m in candidates.items():
+        r = _correlations(ref, _run(m, images)[0])
+        scores[name] = {"worst": round(float(r.min()), 6), "mean": round(float(r.mean()), 6)}
+    return scores
 
 
 def _fallback(model, qmodel, build, excluded, report, eval_paths, pre, max_drop, result):
@@ -779,15 +916,20 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
     result = stages.run("quantize", quantize, src_path, calib_dir, out, method=method, exclude=exclude,
                         calib_size=calib_size, max_drop=max_drop, recalibrate=force, overflow_fix=overflow_fix)
     from . import onnx_io
+    plain = result.recipe == "plain"
     entry = {"backend": "onnx", "precision": "int8", "source": src["path"], "cache_key": key,
-             "quantization": {"method": method, "scheme": "int8 symmetric (zero point 0), weights per channel",
+             "quantization": {"recipe": result.recipe, "recipe_scores": result.recipe_scores,
+                              "method": "minmax" if plain else method,
+                              "scheme": "int8 symmetric (zero point 0)" + (", activations centred" if plain else "")
+                                        + ", weights per channel",
                               "calibration_dir": str(calib_dir.resolve()),
                               "calibration_images": result.calibration_images,
                               "held_out_images": result.held_out_images,
                               "quantized_nodes": len(result.quantized), "excluded_nodes": result.excluded,
                               "agreement": result.agreement, "overflow_fix": overflow_fix,
                               "seven_bit_weights": result.seven_bit_weights,
-                              "smoothquant": "auto", "smoothed_layernorms": result.smoothed_layernorms,
+                              "smoothquant": "none" if plain else "auto",
+                              "smoothed_layernorms": result.smoothed_layernorms,
                               "smoothed_products": result.smoothed_products,
                               "bias_corrected": result.bias_corrected,
                               "attention_products": result.attention_products}}

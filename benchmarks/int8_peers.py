@@ -42,6 +42,8 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
+from vit_deploy.metrics import correlation, cosine as cosines  # noqa: E402,F401  (per image; also what quantize and check use)
+
 
 def cpu_name() -> str:
     try:
@@ -53,16 +55,6 @@ def cpu_name() -> str:
     except Exception:
         return platform.processor() or platform.machine()
 
-
-def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
-    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
-
-
-def cosines(a, b) -> np.ndarray:
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
 
 
 def ort_runner(path: Path, threads: int):

@@ -54,7 +54,7 @@ from . import calibration_stats as cs
 from . import onnx_io, weight_pairs
 from .errors import CheckFailed, UserError
 from .images import list_images, load_images, split_for_calibration
-from .metrics import cosine  # noqa: F401  (one definition, shared with the parity check)
+from .metrics import correlation, cosine  # noqa: F401  (cosine: one definition, shared with the parity check)
 from .zoo import Preprocessing
 
 log = logging.getLogger("vit_deploy")
@@ -568,8 +568,8 @@ def _centres(model: onnx.ModelProto, targets: list[QTarget], ranges: dict, level
     x's range, symmetrically with zero point 0, and add c * (sum of each weight column) to
     the bias. Exact, and TensorRT-valid, yet it spends all 256 levels on a one-sided tensor
     (GELU's output, which fc2 reads), as an asymmetric uint8 would. Only where every
-    quantized reader has a weight and a constant bias to take the shift; the others stay
-    plain symmetric. Returns {tensor: c}."""
+    quantized reader is a Linear (one without a bias gets one to take the shift) and the
+    range is off centre by 5 % or more; the others stay plain symmetric. Returns {tensor: c}."""
     inits, producers, consumers = onnx_io.graph_index(model)
     nodes = {n.name: n for n in model.graph.node}
     readers: dict[str, list[QTarget]] = {}
@@ -827,9 +827,7 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
                                      pre, max_drop, result)
     result.bias_corrected = corrected[0]
     result.quantized = sorted({t.node for t in targets} - excluded)
-    result.attention_products = len({t.node for t in targets if t.weight is None} - excluded)
-    if chosen_recipe == "plain":
-        result.attention_products = 0
+    result.attention_products = len({t.node for t in targets if t.weight is None} - excluded)  # plain: 0
     result.excluded = sorted(excluded)
     meta = onnx_io.get_metadata(qmodel)
     result.seven_bit_weights = sorted({t.weight for t in s_targets if levels.get(t.weight) == 63
@@ -878,10 +876,7 @@ def build_plain(model: onnx.ModelProto, targets: list[QTarget], excluded: set[st
 
 def output_correlation(ref: np.ndarray, out: np.ndarray) -> dict:
     """{"worst", "mean"} of the per-image correlation of `out` with the FP32 `ref`."""
-    a = ref.reshape(len(ref), -1).astype(np.float64)
-    b = out.reshape(len(out), -1).astype(np.float64)
-    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
-    r = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    r = correlation(ref, out)
     return {"worst": round(float(r.min()), 6), "mean": round(float(r.mean()), 6)}
 
 

@@ -89,7 +89,10 @@ def main() -> None:
     calib = load_images(photos[:args.calib], pre)[0]
     held = load_images(photos[args.calib:], pre)[0]
     th = args.threads
+    # "ORT FP32" is vit-deploy's ONNX Runtime artifact of the FP32 file: its position-grid
+    # Resize folded as in the INT8 files (size_folding.py), so the ratios are INT8's alone
     runners = {"ORT FP32": peers.ort_runner(peers.ort_compiled(src, work / "fp32.ort.onnx", "fp32"), th),
+               "ORT FP32, the file as given": peers.ort_runner(src, th),
                "OpenVINO FP32": peers.ov_runner(src, th)}
     for name, kw in VARIANTS.items():
         q = work / f"{''.join(c if c.isalnum() else '_' for c in name)}.int8.onnx"

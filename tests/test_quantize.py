@@ -90,6 +90,29 @@ def test_plain_recipe_is_centred_and_tensorrt_valid(tiny, calib_dir, tmp_path):
                                              providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
     fp32 = ort_session(tiny).run(None, {"images": x})[0]
     assert correlation(fp32, run(bypass)).min() > 0.999
+    # c is a whole number of steps: the CPU runtime form drops each Sub and quantizes x with zero point
+    # 128 - k (uint8), its DequantizeLinear keeping 128: the same integers (but for float ties)
+    from vit_deploy.backends.ort_int8 import for_onnxruntime
+    u8 = onnx.ModelProto()
+    u8.CopyFrom(m)
+    for_onnxruntime(u8)
+    assert not [n for n in u8.graph.node if n.op_type == "Sub" and n.name in {s.name for s in subs}]
+    u8_inits = {t.name: numpy_helper.to_array(t) for t in u8.graph.initializer}
+    qs = [n for n in u8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in u8_inits]
+    assert {u8_inits[n.input[2]].item() for n in qs} - {128}  # the centred ones moved off 128
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def integers(model):
+        mm = onnx.ModelProto()
+        mm.CopyFrom(model)
+        mm.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n.output[0]) for n in qs)
+        return ort.InferenceSession(mm.SerializeToString(), exact, providers=["CPUExecutionProvider"]).run(
+            [n.output[0] for n in qs], {"images": x})
+    first = next(i for i, n in enumerate(qs) if u8_inits[n.input[2]].item() != 128)  # before any tie can spread
+    a, b = integers(m)[first], integers(u8)[first]
+    assert a.dtype == np.int8 and b.dtype == np.uint8
+    assert np.mean(a.astype(np.int16) != b.astype(np.int16) - 128) < 1e-4  # a float tie may round either way
 
 
 def test_auto_recipe_keeps_the_one_closer_to_fp32(tiny, calib_dir, tmp_path, monkeypatch):

@@ -56,6 +56,7 @@ from .errors import CheckFailed, UserError
 from .images import list_images, load_images, split_for_calibration
 from .metrics import correlation, cosine  # noqa: F401  (cosine: one definition, shared with the parity check)
 from .zoo import Preprocessing
+from .size_folding import fold_size_constants
 
 log = logging.getLogger("vit_deploy")
 METHODS = cs.METHODS
@@ -514,9 +515,8 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
             second = t.weight is None and t.input_index == 1 and scheme != "asymmetric"
             src = t.activation
             if t.activation in centres:
-                c = centres[t.activation]
-                _, lo, hi = ranges[t.activation]
-                scale, zp = activation_qparams(max(hi - c, c - lo), lo - c, hi - c, "symmetric")
+                c, scale = centres[t.activation]
+                scale, zp = np.array(scale, np.float32), np.array(0, np.int8)
                 tag = _safe(t.activation) + "_centre"
                 new_inits.append(numpy_helper.from_array(np.array(c, np.float32), tag))
                 new_nodes.append(helper.make_node("Sub", [src, tag], [tag + "d"], name=tag + "_Sub"))
@@ -563,13 +563,29 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
     return out
 
 
-def _centres(model: onnx.ModelProto, targets: list[QTarget], ranges: dict, levels: dict) -> dict[str, float]:
+def _centre_of(clip: float, lo: float, hi: float) -> tuple[float, float] | None:
+    """(c, step) of the centred scheme for a tensor in [lo, hi] clipped to +-clip: c the
+    middle, a whole number of steps; None where the range is about symmetric already
+    (off centre by less than 5 %: a Sub for nothing)."""
+    lo, hi = max(lo, -clip), min(hi, clip)
+    c = (lo + hi) / 2
+    if abs(c) < 0.05 * max(hi - lo, 1e-12):
+        return None
+    step = float(np.float32(max((hi - lo) / 2, 1e-8) / 126.5))  # half a step spare for rounding c
+    return float(np.float32(round(c / step) * step)), step
+
+
+def _centres(model: onnx.ModelProto, targets: list[QTarget], ranges: dict,
+             levels: dict) -> dict[str, tuple[float, float]]:
     """The "centred" scheme (in place on the readers' biases): quantize x - c, c the middle of
     x's range, symmetrically with zero point 0, and add c * (sum of each weight column) to
     the bias. Exact, and TensorRT-valid, yet it spends all 256 levels on a one-sided tensor
     (GELU's output, which fc2 reads), as an asymmetric uint8 would. Only where every
     quantized reader is a Linear (one without a bias gets one to take the shift) and the
-    range is off centre by 5 % or more; the others stay plain symmetric. Returns {tensor: c}."""
+    range is off centre by 5 % or more; the others stay plain symmetric.
+    c is a whole number k of quantization steps, so a CPU runtime form can drop the Sub and
+    quantize x itself with zero point 128 - k (ort_int8.to_uint8_activations): the same
+    integers. Returns {tensor: (c, scale)}."""
     inits, producers, consumers = onnx_io.graph_index(model)
     nodes = {n.name: n for n in model.graph.node}
     readers: dict[str, list[QTarget]] = {}
@@ -577,13 +593,10 @@ def _centres(model: onnx.ModelProto, targets: list[QTarget], ranges: dict, level
         readers.setdefault(t.activation, []).append(t)
     centres = {}
     for tensor, ts in readers.items():
-        clip, lo, hi = ranges[tensor]
-        lo, hi = max(lo, -clip), min(hi, clip)
-        c = (lo + hi) / 2
-        if abs(c) < 0.05 * max(hi - lo, 1e-12):  # already about symmetric: a Sub for nothing
+        centre = _centre_of(*ranges[tensor])
+        if centre is None or any(t.weight is None or t.op_type == "Conv" for t in ts):
             continue
-        if any(t.weight is None or t.op_type == "Conv" for t in ts):
-            continue
+        c, step = centre
         for t in ts:
             w = onnx_io.array(inits[t.weight]).astype(np.float32)
             q, scale = quantize_weight(w, t.axis, levels.get(t.weight, 127))
@@ -605,7 +618,7 @@ def _centres(model: onnx.ModelProto, targets: list[QTarget], ranges: dict, level
                 model.graph.node.append(helper.make_node("Add", [node.output[0], name], [out], name=name + "_Add"))
             model.graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32), name))
             inits[name] = model.graph.initializer[-1]
-        centres[tensor] = float(c)
+        centres[tensor] = (c, step)
     return centres
 
 
@@ -747,6 +760,9 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
     from .weights import sha256_file
 
     pre, pre_source = preprocessing_of(model, model_path, img_size, mean, std, preset)
+    folded = fold_size_constants(model, pre.img_size)  # the INT8 file is for one image size anyway
+    if folded:
+        log.info("size folding: %d value(s) computed from shapes alone are constants at %d px", folded, pre.img_size)
     targets = find_targets(model, attention)
     if not any(t.weight is not None for t in targets):
         raise UserError(f"{model_path.name}: no matrix product with a constant weight to quantize")
@@ -842,7 +858,8 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
                                   "smoothed_products": result.smoothed_products,
                                   "bias_corrected": result.bias_corrected,
                                   "attention_products": result.attention_products,
-                                  "quantized": len(result.quantized), "excluded": result.excluded},
+                                  "quantized": len(result.quantized), "excluded": result.excluded,
+                                  "size_folded": folded},
                  "preprocessing": pre.to_dict(), "preprocessing_source": pre_source})
     onnx_io.set_metadata(qmodel, meta)
     onnx_io.save_atomic(qmodel, out)

@@ -50,13 +50,20 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
     extras = {"graph_optimization_level": "ORT_ENABLE_EXTENDED", "runtime_version": ort.__version__}
     with tempfile.TemporaryDirectory(prefix="vit-deploy-ort-") as tmp:
         src = onnx_path
-        if precision == "int8":  # the portable Q/DQ file in the form ORT's INT8 kernels take (see ort_int8)
+        if precision == "int8" or not large:
             from .. import onnx_io
+            from ..size_folding import fold_size_constants
             from .ort_int8 import for_onnxruntime
             model = onnx_io.load(onnx_path)
-            extras["int8_rewrite"] = for_onnxruntime(model)
-            src = Path(tmp) / onnx_path.name
-            onnx_io.save(model, src, external=large)
+            changed = False
+            if precision == "int8":  # the portable Q/DQ file in the form ORT's INT8 kernels take (see ort_int8)
+                extras["int8_rewrite"] = for_onnxruntime(model)
+                changed = True
+            # ORT folds no Shape of a dynamic-batch graph: what only the image size fixes, fixed here
+            extras["size_folded"] = fold_size_constants(model, options.get("img_size"))
+            if changed or extras["size_folded"]:
+                src = Path(tmp) / onnx_path.name
+                onnx_io.save(model, src, external=large)
             del model
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     files = [out.name] + ([out.name + ".data"] if large else [])

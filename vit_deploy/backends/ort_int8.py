@@ -29,13 +29,29 @@ from onnx import numpy_helper
 from ..onnx_io import drop_dead_nodes, drop_unused_initializers, graph_index
 
 
+def _whole_step_centre(sub, inits, consumers, scale: np.ndarray) -> int | None:
+    """k when `sub` is x - c with c a scalar constant of k whole quantization steps (the
+    centred scheme, quantize._centres) read by one QuantizeLinear alone; else None."""
+    if sub is None or sub.op_type != "Sub" or sub.input[1] not in inits or len(consumers.get(sub.output[0], [])) != 1:
+        return None
+    c = numpy_helper.to_array(inits[sub.input[1]])
+    if c.size != 1 or scale.size != 1:
+        return None
+    k = float(c.reshape(())) / float(scale.reshape(()))
+    return int(round(k)) if abs(k - round(k)) < 1e-3 and abs(round(k)) <= 127 else None
+
+
 def to_uint8_activations(model: onnx.ModelProto, where=None) -> int:
     """Int8 activation Q/DQ pairs -> uint8 with the zero point moved by 128, in place.
     Each converted pair gets zero points of its own (the int8 ones may be shared with
     weights); recorded intermediate types are updated. `where(dequantizers)`, if given,
-    picks the pairs to convert. Returns how many Q nodes."""
+    picks the pairs to convert. Returns how many Q nodes.
+
+    A centred activation, Sub(x, k steps) -> Q, loses its Sub: Q quantizes x with zero
+    point 128 - k and gives the same integers, its DequantizeLinear keeps 128 and so
+    still gives x - c, which the biases expect (one elementwise pass less per product)."""
     g = model.graph
-    inits, _, consumers = graph_index(model)
+    inits, producers, consumers = graph_index(model)
     changed = 0
     for n in list(g.node):
         if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[0] in inits:
@@ -53,10 +69,17 @@ def to_uint8_activations(model: onnx.ModelProto, where=None) -> int:
         g.initializer.append(numpy_helper.from_array(value, name))
         for node in [n, *after]:
             node.input[2] = name
+        sub = producers.get(n.input[0])
+        k = _whole_step_centre(sub, inits, consumers, numpy_helper.to_array(inits[n.input[1]])) \
+            if n.input[1] in inits else None
+        if k is not None and value.size == 1 and int(value.reshape(())) == 128:
+            g.initializer.append(numpy_helper.from_array(np.array(128 - k, np.uint8), name + "_centred"))
+            n.input[0], n.input[2] = sub.input[0], name + "_centred"
         for vi in g.value_info:
             if vi.name == n.output[0]:
                 vi.type.tensor_type.elem_type = onnx.TensorProto.UINT8
         changed += 1
+    drop_dead_nodes(model)
     drop_unused_initializers(model)
     return changed
 

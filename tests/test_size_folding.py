@@ -1,0 +1,93 @@
+"""Size folding: what only the image size fixes (a DINOv2's resized position grid) becomes a
+constant, what depends on the batch stays computed, and the outputs do not move."""
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("transformers")
+
+
+def _ort(path_or_model, x):
+    import onnxruntime as ort
+    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    s = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+    """A Hugging Face Dinov2Model made for 98 px (a 7x7 position grid) and exported at 56 px
+    (4x4 patches): the graph resizes its grid from Shape nodes on every run, as the
+    published DINOv2s (518 px grids) do at 224. One with a dynamic batch, one also with a
+    dynamic height and width."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("dinov2")
+    cfg = Dinov2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=98,
+                       patch_size=14, layerscale_value=0.5)
+    model = Dinov2Model(cfg).eval()
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m(pixel_values=x).last_hidden_state
+    paths = {}
+    for kind, axes in (("batch", {0: "batch"}), ("size", {0: "batch", 2: "h", 3: "w"})):
+        paths[kind] = out / f"dinov2-{kind}.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Tokens().eval(), (torch.randn(2, 3, 56, 56),), str(paths[kind]), dynamo=False,
+                              opset_version=17, input_names=["pixel_values"], output_names=["tokens"],
+                              dynamic_axes={"pixel_values": axes, "tokens": {0: "batch"}})
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "size": {"shortest_edge": 56},
+         "crop_size": {"height": 56, "width": 56}, "do_center_crop": True, "resample": 3}))
+    return paths
+
+
+def _ops(m):
+    return [n.op_type for n in m.graph.node]
+
+
+@pytest.mark.parametrize("kind", ["batch", "size"])
+def test_the_position_grid_resize_is_folded_and_outputs_stay(dinov2, kind):
+    from vit_deploy.size_folding import fold_size_constants
+    m = onnx.load(str(dinov2[kind]))
+    assert "Resize" in _ops(m)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(m)
+    assert fold_size_constants(folded, 56) >= 1
+    assert "Resize" not in _ops(folded)
+    dims = folded.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 56, 56] and not dims[0].HasField("dim_value")  # batch stays dynamic
+    # the class token is still expanded to the batch: a value that depends on it is not folded
+    assert "Expand" in _ops(folded)
+    x = np.random.default_rng(0).standard_normal((3, 3, 56, 56)).astype(np.float32)
+    for b in (1, 3):
+        assert np.array_equal(_ort(m, x[:b]), _ort(folded, x[:b]))
+
+
+def test_a_dynamic_size_without_a_size_given_is_left_alone(dinov2):
+    from vit_deploy.size_folding import fold_size_constants
+    m = onnx.load(str(dinov2["size"]))
+    before = m.SerializeToString()
+    assert fold_size_constants(m, None) == 0 and m.SerializeToString() == before
+
+
+def test_quantize_and_the_onnxruntime_fp32_artifact_fold_it(dinov2, calib_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_DEPLOY_CACHE", str(tmp_path / "cache"))
+    from vit_deploy import onnx_io
+    from vit_deploy.backends.onnxruntime_backend import compile as ort_compile
+    from vit_deploy.quantize import quantize
+    quantize(dinov2["size"], calib_dir, tmp_path / "q.onnx", calib_size=4)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert "Resize" not in _ops(q) and onnx_io.get_metadata(q)["quantization"]["size_folded"] >= 1
+    _, extras = ort_compile(dinov2["batch"], tmp_path / "fp32.ort.onnx", "fp32", {"img_size": 56})
+    assert extras["size_folded"] >= 1 and "Resize" not in _ops(onnx.load(str(tmp_path / "fp32.ort.onnx")))

@@ -74,6 +74,26 @@ def test_the_position_grid_resize_is_folded_and_outputs_stay(dinov2, kind):
         assert np.array_equal(_ort(m, x[:b]), _ort(folded, x[:b]))
 
 
+def test_shapes_read_deep_in_the_model_do_not_stop_the_fold(dinov2, monkeypatch):
+    """Each attention reshapes from a Shape of its own input, so evaluating those values takes
+    the weights before it; under a weight budget only the embeddings' fit, and the grid
+    Resize, which needs no more than them, is still folded."""
+    from vit_deploy import onnx_io, size_folding
+    m = onnx.load(str(dinov2["batch"]))
+    producers = {o: n for n in m.graph.node for o in n.output}
+    inits = {t.name: onnx_io.tensor_bytes(t) for t in m.graph.initializer}
+    seen, stack = set(), [n.output[0] for n in m.graph.node if n.op_type == "Resize"]
+    while stack:  # what the Resize is computed from
+        t = stack.pop()
+        if t not in seen:
+            seen.add(t)
+            stack.extend(i for i in (producers[t].input if t in producers else ()) if i)
+    monkeypatch.setattr(size_folding, "MAX_CUT_BYTES", sum(inits.get(t, 0) for t in seen) + 1024)
+    edge = size_folding.shape_derived(m)
+    assert len(size_folding._within_budget(m, edge)) < len(edge)  # the attentions' shapes are over budget
+    assert size_folding.fold_size_constants(m, 56) >= 1 and "Resize" not in _ops(m)
+
+
 def test_a_dynamic_size_without_a_size_given_is_left_alone(dinov2):
     from vit_deploy.size_folding import fold_size_constants
     m = onnx.load(str(dinov2["size"]))

@@ -53,6 +53,30 @@ def shape_derived(model: onnx.ModelProto) -> list[str]:
     return edge
 
 
+def _within_budget(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
+    """The tensors (shallowest first) whose values, together, are computed from at most
+    MAX_CUT_BYTES of initializers."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    sizes = {t.name: onnx_io.tensor_bytes(t) for t in model.graph.initializer}
+    behind = {}
+    for tensor in tensors:
+        seen, stack = set(), [tensor]
+        while stack:
+            t = stack.pop()
+            if t not in seen:
+                seen.add(t)
+                n = producers.get(t)
+                stack.extend(i for i in (n.input if n is not None else ()) if i)
+        behind[tensor] = {t for t in seen if t in sizes}
+    chosen, weights = [], set()
+    for tensor in sorted(tensors, key=lambda t: sum(sizes[w] for w in behind[t])):
+        union = weights | behind[tensor]
+        if sum(sizes[w] for w in union) <= MAX_CUT_BYTES:
+            chosen.append(tensor)
+            weights = union
+    return chosen
+
+
 def _fix_image_size(model: onnx.ModelProto, img_size: int | None) -> None:
     """Give a [batch, C, H, W] input static H and W (img_size where they are symbolic)."""
     for d in model.graph.input[0].type.tensor_type.shape.dim[2:]:
@@ -61,8 +85,9 @@ def _fix_image_size(model: onnx.ModelProto, img_size: int | None) -> None:
             d.dim_value = img_size
 
 
-def _values_at(model: onnx.ModelProto, tensors: list[str], shape: list[int]) -> list[np.ndarray]:
-    """The tensors' values for an input of this shape (its pixels do not matter)."""
+def _values_at(model: onnx.ModelProto, tensors: list[str], shapes: list[list[int]]) -> list[list[np.ndarray]]:
+    """The tensors' values for an input of each shape (its pixels do not matter), computed
+    on a cut of the graph; [] where the cut needs more than MAX_CUT_BYTES of weights."""
     import onnxruntime as ort
 
     from .backends.onnxruntime_backend import session_options
@@ -75,12 +100,14 @@ def _values_at(model: onnx.ModelProto, tensors: list[str], shape: list[int]) -> 
     g.node.extend(model.graph.node)
     onnx_io.drop_dead_nodes(cut)
     read = {i for n in cut.graph.node for i in n.input}
-    g.initializer.extend(t for t in model.graph.initializer if t.name in read)
-    if sum(onnx_io.tensor_bytes(t) for t in g.initializer) > MAX_CUT_BYTES or onnx_io.has_external(cut):
+    needed = [t for t in model.graph.initializer if t.name in read]
+    if sum(onnx_io.tensor_bytes(t) for t in needed) > MAX_CUT_BYTES or \
+            any(t.data_location == onnx.TensorProto.EXTERNAL for t in needed):
         return []
+    g.initializer.extend(needed)
     sess = ort.InferenceSession(cut.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     elem = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
-    return sess.run(None, {model.graph.input[0].name: np.zeros(shape, elem)})
+    return [sess.run(None, {model.graph.input[0].name: np.zeros(shape, elem)}) for shape in shapes]
 
 
 def fold_size_constants(model: onnx.ModelProto, img_size: int | None = None) -> int:
@@ -90,6 +117,9 @@ def fold_size_constants(model: onnx.ModelProto, img_size: int | None = None) -> 
     if len(model.graph.input) != 1:
         return 0
     edge = shape_derived(model)
+    # a Shape read deep in the model (each attention's reshape) would take all its weights
+    # to evaluate: those values are the batch-dependent ones anyway, leave them
+    edge = _within_budget(model, edge)
     dims = model.graph.input[0].type.tensor_type.shape.dim
     if not edge or len(dims) != 4:
         return 0
@@ -97,12 +127,13 @@ def fold_size_constants(model: onnx.ModelProto, img_size: int | None = None) -> 
     if None in chw:  # a dynamic image size and none given: nothing is fixed
         return 0
     try:
-        at1, at3 = _values_at(model, edge, [1, *chw]), _values_at(model, edge, [3, *chw])
+        values = _values_at(model, edge, [[1, *chw], [3, *chw]])
     except Exception as e:  # a graph ONNX Runtime cannot run in pieces: keep it computed
         log.info("size folding skipped: %s", str(e).splitlines()[0][:200])
         return 0
-    if not at1:
+    if not values:
         return 0
+    at1, at3 = values
     fixed = {t: a for t, a, b in zip(edge, at1, at3) if a.shape == b.shape and np.array_equal(a, b)}
     if not fixed:
         return 0

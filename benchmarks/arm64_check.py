@@ -23,10 +23,8 @@ import importlib.metadata
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 

@@ -57,6 +57,22 @@ def cpu_name() -> str:
 
 
 
+def time_round_robin(runners: dict, x: np.ndarray, iters: int, warmup: int = 3) -> dict[str, list[float]]:
+    """{name: [ms per call]}: round-robin, each round starting one artifact later, so drift on
+    a shared machine hits all alike and no artifact always runs right after the same neighbour."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run(x)
+    times = {k: [] for k in runners}
+    names = list(runners)
+    for i in range(iters):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            runners[k](x)
+            times[k].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def ort_runner(path: Path, threads: int):
     from vit_deploy.backends.onnxruntime_backend import OrtRunner
     r = OrtRunner(path, 64, 0, threads)
@@ -202,18 +218,7 @@ def run_graph(kind: str, work: Path, args) -> list[dict]:
     rows = []
     for batch in args.batches:
         x = np.ascontiguousarray(np.resize(photos, (batch, *photos.shape[1:])))
-        for run in runners.values():
-            for _ in range(3):
-                run(x)
-        times = {k: [] for k in runners}
-        names = list(runners)
-        for i in range(args.iters):
-            # round-robin, each round starting one artifact later: drift on a shared machine hits
-            # all alike, and no artifact always runs right after the same neighbour
-            for k in names[i % len(names):] + names[:i % len(names)]:
-                t0 = time.perf_counter()
-                runners[k](x)
-                times[k].append((time.perf_counter() - t0) * 1000)
+        times = time_round_robin(runners, x, args.iters)
         p50 = {k: float(np.median(v)) for k, v in times.items()}
         # the acceptance's yardstick, paired round by round: time / the faster NNCF OpenVINO result's
         best = min(("NNCF OpenVINO API, OpenVINO", "NNCF ONNX, OpenVINO"), key=p50.get)

@@ -24,7 +24,6 @@ import datetime
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -95,15 +94,7 @@ def main() -> None:
         ort_fp32 = peers.ort_runner(peers.ort_compiled(fp32, work / "fp32.ort.onnx", "fp32"), args.threads)
         ov_int8 = peers.ov_runner(xml, args.threads)
         x = np.ascontiguousarray(np.resize(photos, (args.batch, *photos.shape[1:])))
-        times = {"ORT FP32": [], "OpenVINO INT8": []}
-        runs = {"ORT FP32": ort_fp32, "OpenVINO INT8": ov_int8}
-        for run in runs.values():
-            run(x)
-        for i in range(args.iters):  # round-robin: drift on a shared machine hits both alike
-            for k in (list(runs) if i % 2 else list(runs)[::-1]):
-                t0 = time.perf_counter()
-                runs[k](x)
-                times[k].append((time.perf_counter() - t0) * 1000)
+        times = peers.time_round_robin({"ORT FP32": ort_fp32, "OpenVINO INT8": ov_int8}, x, args.iters, warmup=1)
         p50 = {k: float(np.median(v)) for k, v in times.items()}
         kinds, nodes, shapes = profile(xml, x, args.threads, args.iters)
 

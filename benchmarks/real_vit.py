@@ -28,7 +28,6 @@ import logging
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -110,14 +109,7 @@ def main() -> None:
     ref = outputs(runners["ORT FP32"])
     quality = {k: (peers.correlation(ref, o), peers.cosines(ref, o)) for k, o in
                ((k, outputs(r)) for k, r in runners.items())}
-    times = {k: [] for k in runners}
-    names = list(runners)
-    x = held[:1]
-    for i in range(args.iters):
-        for k in names[i % len(names):] + names[:i % len(names)]:  # round-robin, rotating
-            t0 = time.perf_counter()
-            runners[k](x)
-            times[k].append((time.perf_counter() - t0) * 1000)
+    times = peers.time_round_robin(runners, held[:1], args.iters)
     base = float(np.median(times["ORT FP32"])) if args.iters else None
     lines = [f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {peers.cpu_name()}, {args.threads} threads; DINOv2 ViT-S/14 "
              f"backbone of {WHEEL}, output [batch, 257, 384]; calibrated on {len(calib)} shipped photos, judged on "

@@ -94,6 +94,20 @@ def test_shapes_read_deep_in_the_model_do_not_stop_the_fold(dinov2, monkeypatch)
     assert size_folding.fold_size_constants(m, 56) >= 1 and "Resize" not in _ops(m)
 
 
+def test_a_graph_whose_shapes_depend_on_pixels_is_left_alone():
+    """Shape(NonZero(x)) changes with the pixels, not with the image size: never a constant."""
+    from onnx import TensorProto, helper
+
+    from vit_deploy.size_folding import fold_size_constants
+    nodes = [helper.make_node("NonZero", ["x"], ["nz"]), helper.make_node("Shape", ["nz"], ["s"]),
+             helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["sf"], ["n"], keepdims=0), helper.make_node("Mul", ["x", "n"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, 4, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert fold_size_constants(m, 4) == 0 and "NonZero" in _ops(m)
+
+
 def test_a_dynamic_size_without_a_size_given_is_left_alone(dinov2):
     from vit_deploy.size_folding import fold_size_constants
     m = onnx.load(str(dinov2["size"]))

@@ -23,6 +23,8 @@ log = logging.getLogger("vit_deploy")
 SHAPE_OPS = ("Shape", "Size")
 # never folded: their value is not a function of their inputs
 NOT_PURE = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
+# their output's shape depends on the pixels: a Shape behind them is not fixed by the image size
+DATA_DEPENDENT_SHAPES = ("NonZero", "Unique", "Compress", "NonMaxSuppression", "TopK", "Loop", "If", "Scan")
 MAX_CUT_BYTES = 256 << 20  # weights a folding run may need; more means a Shape deep in the model: left alone
 
 
@@ -114,7 +116,7 @@ def fold_size_constants(model: onnx.ModelProto, img_size: int | None = None) -> 
     """In place: fix the image input's height and width (to img_size where dynamic) and
     replace each shape-derived value that does not change with the batch by a constant.
     Returns how many values were folded (0: the model is left as it was)."""
-    if len(model.graph.input) != 1:
+    if len(model.graph.input) != 1 or any(n.op_type in DATA_DEPENDENT_SHAPES for n in model.graph.node):
         return 0
     edge = shape_derived(model)
     # a Shape read deep in the model (each attention's reshape) would take all its weights

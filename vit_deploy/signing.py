@@ -87,7 +87,10 @@ def sign_bundle(bundle, private_key, signature=None, password: str | None = None
         config = ms.signing.Config().use_elliptic_key_signer(private_key=key,
                                                              password=password.encode() if password else None)
     except (ValueError, TypeError) as e:  # not an EC key, encrypted without password, wrong password
-        raise UserError(f"{key}: not a usable EC private key ({str(e).splitlines()[0][:120]})") from None
+        # a wrong password usually reads "Bad decrypt", but about 1 in 256 wrong keys decrypt to valid
+        # padding and fail later as "could not deserialize": name the password whenever one was given
+        hint = ", or the password is wrong" if password else ""
+        raise UserError(f"{key}: not a usable EC private key{hint} ({str(e).splitlines()[0][:120]})") from None
     tmp = sig.with_name(f".{sig.name}.tmp")
     try:
         ignored = sorted(set(_ignored(sig, d) + _ignored(tmp, d)))

@@ -156,9 +156,10 @@ def test_every_quantized_product_runs_as_an_int8_kernel(graphs, kind, tmp_path):
     assert (products - (quantized_matmuls - attention)) + 2 * int8_layers["Subgraph"] >= attention, int8_layers
     # timm's k.transpose(-2, -1) does not run as a node of its own: the attention kernel takes
     # it in (openvino_int8.sink_attention_transposes). Hugging Face's K permute (0, 2, 3, 1)
-    # stays one node per block: moving it measured slower.
+    # stays one node per block on AVX-512 machines (moving it measured slower); on AVX2 only
+    # OpenVINO 2026.4 takes it into the attention kernel too.
     stray = _transposes_into_attention(compiled)
-    assert len(stray) == (2 if kind.startswith("hf-") else 0), stray
+    assert len(stray) <= (2 if kind.startswith("hf-") else 0), stray
 
 
 def _transposes_into_attention(compiled) -> list[str]:

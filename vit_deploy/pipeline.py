@@ -55,7 +55,7 @@ def stage_onnx(tx: Transaction, model, opset: int, simplify: bool, force: bool, 
 def export(model: str = "vit-b16", target: str = "onnx", precision=None, weights=None,
            num_classes: int | None = None, img_size: int | None = None, opset: int = 17,
            max_batch: int = 32, out: str | Path = "models", simplify: bool = True,
-           calib_dir=None, calib_size: int = 32, calib_method: str = "percentile", overflow_fix: str = "auto",
+           calib_dir=None, calib_size: int = 32, calib_method: str = "mse", overflow_fix: str = "auto",
            device: str = "CPU", opt_batch: int = 1, workspace_mb: int = 2048, dla_core: int | None = None,
            check: bool = True, force: bool = False, quiet: bool = False, model_args: dict | None = None) -> dict:
     """Run the whole pipeline into the bundle `<out>/<name>/`; returns its manifest.

@@ -4,7 +4,7 @@ import json
 
 
 from conftest import assert_one_line_error, run_cli
-from vit_deploy.bench import bench
+from vit_deploy.bench import _int8_notes, bench, int8_not_faster
 
 
 def test_bench_reports_every_artifact_and_batch(ti_bundle, tmp_path):
@@ -26,6 +26,25 @@ def test_bench_reports_every_artifact_and_batch(ti_bundle, tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "x vs onnxruntime-fp32" in out and " *" in out
     assert json.loads((ti_bundle / "manifest.json").read_text())["latency"]["results"]
+    for f in report["int8_not_faster"]:  # each runtime whose INT8 lost to its own FP32 is named under the table
+        assert f"note: {f['runtime']}-int8 runs at" in out
+
+
+def test_an_int8_artifact_no_faster_than_its_fp32_is_named():
+    rows = [{"artifact": "openvino-fp32", "batch": 1, "p50_ms": 100.0, "p90_ms": 101.0, "p99_ms": 102.0},
+            {"artifact": "openvino-int8", "batch": 1, "p50_ms": 125.0},
+            {"artifact": "onnxruntime-fp32", "batch": 1, "p50_ms": 120.0},
+            {"artifact": "onnxruntime-int8", "batch": 1, "p50_ms": 80.0},
+            {"artifact": "openvino-int8", "batch": 8, "p50_ms": 500.0}]  # no FP32 at batch 8: no verdict
+    found = int8_not_faster(rows)
+    assert found == [{"runtime": "openvino", "batch": 1, "speedup": 0.8}]
+    avx2 = {"avx2": True, "avx512f": False, "avx512_vnni": False, "avx_vnni": False, "amx_tile": False}
+    notes = _int8_notes({"int8_not_faster": found, "device": {"isa": avx2}})
+    assert notes == ["note: openvino-int8 runs at 0.80x openvino-fp32 at batch 1: on this machine the FP32 artifact "
+                     "is the faster one (this CPU has no VNNI: x86 INT8 matrix kernels gain little or nothing "
+                     "without it)"]
+    vnni = dict(avx2, avx512f=True, avx512_vnni=True)
+    assert "VNNI" not in _int8_notes({"int8_not_faster": found, "device": {"isa": vnni}})[0]
 
 
 def test_filters_and_duration(ti_bundle):

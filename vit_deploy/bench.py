@@ -138,11 +138,35 @@ def bench(bundle_dir, backends=None, precisions=None, batches=(1,), threads: int
               "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_info(),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, "results": results}
     report["machine"] = f"{report['device'].get('cpu', '')}, {report['device']['cores']} cores"
+    report["int8_not_faster"] = int8_not_faster(results)
     if record:
         with Bundle.writing(bundle.dir) as tx:
             tx.manifest["latency"] = {k: report[k] for k in ("measured", "machine", "reference", "threads", "results")}
             tx.commit()
     return report
+
+
+def int8_not_faster(results: list[dict]) -> list[dict]:
+    """Runtimes whose INT8 artifact is no faster than their own FP32 one at some batch size.
+    It happens: on x86 without VNNI (AVX2 only) OpenVINO 2026.4 runs INT8 FullyConnected
+    layers through a generic gemm, and a DINOv2 ViT-S/14 took 136 ms in INT8 against 121 ms
+    in FP32 (benchmarks/real_vit.py, README), NNCF's file included; a user who deploys the
+    INT8 engine there loses speed and accuracy both, so bench says so."""
+    found = []
+    for r in results:
+        runtime, _, precision = r["artifact"].rpartition("-")
+        fp32 = next((f for f in results if f["artifact"] == f"{runtime}-fp32" and f["batch"] == r["batch"]), None)
+        if precision == "int8" and fp32 and r["p50_ms"] >= fp32["p50_ms"]:
+            found.append({"runtime": runtime, "batch": r["batch"], "speedup": fp32["p50_ms"] / r["p50_ms"]})
+    return found
+
+
+def _int8_notes(report: dict) -> list[str]:
+    isa = report.get("device", {}).get("isa") or {}
+    why = " (this CPU has no VNNI: x86 INT8 matrix kernels gain little or nothing without it)" if \
+        isa.get("avx2") and not (isa.get("avx512_vnni") or isa.get("avx_vnni") or isa.get("amx_tile")) else ""
+    return [f"note: {f['runtime']}-int8 runs at {f['speedup']:.2f}x {f['runtime']}-fp32 at batch {f['batch']}: "
+            f"on this machine the FP32 artifact is the faster one{why}" for f in report.get("int8_not_faster", [])]
 
 
 def format_table(report: dict, markdown: bool = False) -> str:
@@ -162,6 +186,7 @@ def format_table(report: dict, markdown: bool = False) -> str:
         lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in rows]
     lines.append(f"* fastest; {report['machine']}; threads {report['threads'] or 'default'}; {report['measured']}; "
                  f"peak RSS {report['peak_rss_mb']:.0f} MB (all artifacts loaded together)")
+    lines += _int8_notes(report)
     return "\n".join(lines)
 
 

@@ -162,6 +162,31 @@ def test_every_quantized_product_runs_as_an_int8_kernel(graphs, kind, tmp_path):
     assert len(stray) <= (2 if kind.startswith("hf-") else 0), stray
 
 
+@pytest.mark.parametrize("kind", ["timm-vit", "hf-dinov2-op17"])
+def test_openvino_float_attention_keeps_weight_products_int8(graphs, kind, calib_dir, tmp_path):
+    """What OpenVINO runs on x86 without VNNI (openvino_int8.float_attention_products): the
+    attention products in float, every weight product still an INT8 kernel, and the outputs
+    those of the Q/DQ file with its attention products in float (ONNX Runtime's form)."""
+    from vit_deploy.backends.ort_int8 import float_attention_products
+    g = graphs[kind]
+    x = _held_out(g["src"], calib_dir)[:4]
+    with ovb.OvRunner(g["ov"], 8, x.shape[-1], "CPU", 1, static_shapes=False, float_attention=True) as r:
+        got = r(x)
+        assert r.float_attention_products == g["result"].attention_products >= 4
+        layers = collections.Counter(
+            (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+            for op in r.compiled.get_runtime_model().get_ordered_ops())
+    quantized_matmuls = sum(1 for n in onnx.load(str(g["int8"])).graph.node if n.op_type == "MatMul"
+                            and n.name in g["result"].quantized)
+    int8_products = sum(layers[(t, p)] for t in ("FullyConnected", "MatMul") for p in ("i8", "u8"))
+    assert int8_products == quantized_matmuls - g["result"].attention_products, layers
+    assert not layers[("Subgraph", "i8")], layers  # no INT8 attention kernel left
+    m = onnx.load(str(g["int8"]))
+    assert float_attention_products(m) == g["result"].attention_products
+    onnx.save(m, str(tmp_path / "float-attention.onnx"))
+    assert _min_cos(_ort_exact(tmp_path / "float-attention.onnx", x), got) >= 0.9999
+
+
 def _transposes_into_attention(compiled) -> list[str]:
     """Runtime Transposes that feed an INT8 attention Subgraph directly or through one
     elementwise node (a scale or a FakeQuantize)."""

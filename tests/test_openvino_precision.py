@@ -112,3 +112,63 @@ def test_static_shapes_give_the_dynamic_models_outputs(tmp_path):
             np.testing.assert_allclose(static(x[:b]), dyn(x[:b]), rtol=1e-5, atol=1e-6)
         assert sorted(static.by_batch) == [1, 3, 4]
         assert all(not c.inputs[0].get_partial_shape().is_dynamic for c, _ in static.by_batch.values())
+
+
+def _attention_onnx(path, transpose_after_dq: bool):
+    """x [N,3,8,8] -> Q/DQ(x) @ K, K = x^T through its own Q/DQ pair (the Transpose before
+    the pair, or after it as openvino_int8.sink_attention_transposes leaves timm's K^T):
+    an activation x activation product like an attention one."""
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    k_in, k_out = ("xd2", "kd") if transpose_after_dq else ("kt", "kd")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"])]
+    if transpose_after_dq:
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq2"]),
+                  helper.make_node("DequantizeLinear", ["xq2", "s", "z"], [k_in]),
+                  helper.make_node("Transpose", [k_in], [k_out], perm=[0, 1, 3, 2])]
+    else:
+        nodes += [helper.make_node("Transpose", ["x"], [k_in], perm=[0, 1, 3, 2]),
+                  helper.make_node("QuantizeLinear", [k_in, "s", "z"], ["kq"]),
+                  helper.make_node("DequantizeLinear", ["kq", "s", "z"], [k_out])]
+    nodes.append(helper.make_node("MatMul", ["xd", k_out], ["y"]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])
+    onnx.save(helper.make_model(helper.make_graph(nodes, "attn", [x], [y], inits),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("transpose_after_dq", [False, True])
+def test_float_attention_products_compute_exactly_where_int8_sums_saturate(tmp_path, transpose_after_dq):
+    """Rows of 127 x 127: pairs of products over the int16 that x86 kernels without VNNI add
+    them in (in INT8, OpenVINO 2026.4 gave 1020 for 129032 on an AVX2 EPYC with the Transpose
+    after the pair, 129032 with it before); in float, exact on any CPU."""
+    _attention_onnx(tmp_path / "m.onnx", transpose_after_dq)
+    x = np.full((2, 3, 8, 8), 127, np.float32)
+    x[1] = np.random.default_rng(0).integers(-128, 128, (3, 8, 8))
+    exact = x @ np.swapaxes(x, -1, -2)
+    with ovb.OvRunner(tmp_path / "m.onnx", 2, 8, "CPU", 1, static_shapes=False, float_attention=True) as r:
+        assert r.float_attention_products == 1
+        np.testing.assert_allclose(r(x), exact, rtol=1e-6)
+        kinds = {op.get_rt_info()["runtimePrecision"].astype(str)
+                 for op in r.compiled.get_runtime_model().get_ordered_ops()
+                 if op.get_rt_info()["layerType"].astype(str) == "MatMul"}
+        assert kinds == {"f32"}, kinds
+    with ovb.OvRunner(tmp_path / "m.onnx", 2, 8, "CPU", 1, static_shapes=True, float_attention=True) as r:
+        np.testing.assert_allclose(r(x), exact, rtol=1e-6)  # the ARM path reads the same model
+
+
+@pytest.mark.parametrize("machine, flags, saturates", [
+    ("x86_64", {"avx2", "fma"}, True),                      # AMD EPYC (Zen 2/3), Haswell .. Skylake
+    ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, False),  # Cascade Lake and later Xeons
+    ("x86_64", {"avx2", "avx_vnni"}, False),                # Alder Lake
+    ("x86_64", None, True),                                 # flags unreadable (not Linux): the safe side
+    ("aarch64", set(), False),                              # ARM: its own kernels (quantize.py)
+])
+def test_which_cpus_run_openvino_attention_in_float(machine, flags, saturates, monkeypatch):
+    import vit_deploy.cpu as cpu
+    monkeypatch.setattr(cpu, "x86_flags", lambda: flags)
+    assert cpu.int8_sums_saturate(machine) is saturates
+    monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
+    assert ovb.attention_in_float_here("CPU") is saturates
+    assert ovb.attention_in_float_here("GPU") is False

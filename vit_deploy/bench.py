@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
+from .cpu import INT8_DOT_PRODUCT, x86_flags
 from .errors import UserError
 
 log = logging.getLogger("vit_deploy")
@@ -36,8 +37,8 @@ def device_info() -> dict:
     try:
         text = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-        flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-        info["isa"] = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")}
+        flags = x86_flags() or set()
+        info["isa"] = {f: f in flags for f in ("avx2", "avx512f", *INT8_DOT_PRODUCT, "avx512_bf16", "amx_tile")}
     except OSError:
         info["cpu"] = platform.processor()
     import shutil
@@ -165,7 +166,7 @@ def int8_not_faster(results: list[dict]) -> list[dict]:
 def _int8_notes(report: dict) -> list[str]:
     isa = report.get("device", {}).get("isa") or {}
     why = " (this CPU has no VNNI: x86 INT8 matrix kernels gain little or nothing without it)" if \
-        isa.get("avx2") and not (isa.get("avx512_vnni") or isa.get("avx_vnni") or isa.get("amx_tile")) else ""
+        isa.get("avx2") and not any(isa.get(f) for f in (*INT8_DOT_PRODUCT, "amx_tile")) else ""
     return [f"note: {f['runtime']}-int8 runs at {f['speedup']:.2f}x {f['runtime']}-fp32 at batch {f['batch']}: "
             f"on this machine the FP32 artifact is the faster one{why}" for f in report.get("int8_not_faster", [])]
 

@@ -110,11 +110,15 @@ class OvRunner(Runner):
     """`static_shapes` (default: on ARM CPUs) compiles one static-shape model per batch size
     met, on first use: OpenVINO 2026.4's ARM CPU plugin computes INT8 MatMuls of a model
     with a dynamic batch wrongly (cosine 0.90 on vit-ti16 under emulated Cortex-A72,
-    Neoverse N1 and SVE CPUs alike) and the same model reshaped to a static batch exactly."""
+    Neoverse N1 and SVE CPUs alike) and the same model reshaped to a static batch exactly.
+
+    `float_attention` runs an INT8 model's attention products in float (open() asks for it
+    on x86 CPUs without VNNI: openvino_int8.float_attention_products says why)."""
     name = "openvino"
 
     def __init__(self, path: Path, max_batch: int, img_size: int, device: str, threads: int | None,
-                 precision_policy: str = PINNED_F32, static_shapes: bool | None = None):
+                 precision_policy: str = PINNED_F32, static_shapes: bool | None = None,
+                 float_attention: bool = False):
         import openvino as ov
         super().__init__(max_batch, img_size)
         self.config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -127,12 +131,18 @@ class OvRunner(Runner):
                 self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.static_shapes = is_arm() if static_shapes is None else static_shapes
         self.by_batch: dict[int, tuple] = {}
-        if self.static_shapes:
+        self.float_attention_products = 0
+        if self.static_shapes or float_attention:
             self.model = self.core.read_model(str(path))
+            if float_attention:
+                from .openvino_int8 import float_attention_products
+                self.float_attention_products = float_attention_products(self.model)
+        if self.static_shapes:
             self.compiled, _ = self._compiled_for(1)
         else:
-            self.compiled = self.core.compile_model(str(path), device, self.config)
+            self.compiled = self.core.compile_model(self.model if float_attention else str(path), device, self.config)
             self.request = self.compiled.create_infer_request()
+            self.model = None  # compiled: the graph's own copy of the weights can go (vit-h14)
 
     def _compiled_for(self, batch: int):
         if batch not in self.by_batch:
@@ -158,9 +168,16 @@ def open(path: Path, artifact: dict, options: dict) -> Runner:
     device = options.get("device") or artifact.get("device") or "CPU"
     # Bundles made before HALF existed recorded f32 for FP16 too: they keep it until rebuilt.
     r = OvRunner(path, options["max_batch"], options["img_size"], device, options.get("threads"),
-                 artifact.get("inference_precision_hint", PINNED_F32))
+                 artifact.get("inference_precision_hint", PINNED_F32),
+                 float_attention=artifact["precision"] == "int8" and attention_in_float_here(device))
     r.name = f"openvino-{artifact['precision']}"
     return r
+
+
+def attention_in_float_here(device: str = "CPU") -> bool:
+    """Whether an INT8 artifact's attention products run in float on this machine's CPU."""
+    from ..cpu import int8_sums_saturate
+    return device in ("CPU", "AUTO") and int8_sums_saturate()
 
 
 def describe_precision(artifacts: list[dict]) -> str | None:
@@ -181,5 +198,7 @@ def describe_precision(artifacts: list[dict]) -> str | None:
             parts.append(f"{a['precision']} half where the CPU computes it: {here} on this CPU"
                          + (f", {built} where it was built" if built else ""))
         else:
-            parts.append(f"{a['precision']} {policy} (pinned on every CPU)")
+            parts.append(f"{a['precision']} {policy} (pinned on every CPU)" + (
+                ", attention products in float on this CPU (x86 without VNNI)"
+                if a["precision"] == "int8" and attention_in_float_here() else ""))
     return "; ".join(parts) + (f"  [CPU capabilities: {', '.join(caps)}]" if caps is not None else "")

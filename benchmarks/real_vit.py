@@ -74,7 +74,6 @@ def main() -> None:
     logging.getLogger("vit_deploy").setLevel(logging.ERROR)
     from vit_deploy.images import default_calibration_dir, list_images, load_images
     from vit_deploy.quantize import quantize
-    from vit_deploy.backends.openvino_backend import without_vnni_here
     from vit_deploy.zoo import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
     src = backbone(args.cache)
@@ -97,8 +96,7 @@ def main() -> None:
         q = work / f"{''.join(c if c.isalnum() else '_' for c in name)}.int8.onnx"
         quantize(src, work / "calib", q, calib_size=args.calib, preset="imagenet", **kw)
         runners[f"vit-deploy {name}, ORT"] = peers.ort_runner(peers.ort_compiled(q, q.with_suffix(".ort.onnx"), "int8"), th)
-        runners[f"vit-deploy {name}, OpenVINO"] = peers.vd_ov_runner(peers.ov_compiled(q, q.with_suffix(".xml"), 8), th,
-                                                                     without_vnni_here())
+        runners[f"vit-deploy {name}, OpenVINO"] = peers.ov_runner(peers.ov_compiled(q, q.with_suffix(".xml"), 8), th)
     if not args.no_peers:
         nncf = peers.nncf_models(src, calib, work)
         runners["NNCF OpenVINO API, OpenVINO"] = peers.ov_runner(nncf["ov"], th)

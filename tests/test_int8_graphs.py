@@ -163,18 +163,16 @@ def test_every_quantized_product_runs_as_an_int8_kernel(graphs, kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["timm-vit", "hf-dinov2-op17"])
-def test_openvino_form_without_vnni_keeps_weight_products_int8(graphs, kind, calib_dir, tmp_path):
-    """What OpenVINO runs on x86 without VNNI (openvino_int8.for_cpus_without_vnni): the
-    attention products in float, every weight product an INT8 kernel on int8 activations
-    again, and the outputs those of the Q/DQ file with its attention products in float
-    (ONNX Runtime's form)."""
+def test_openvino_float_attention_keeps_weight_products_int8(graphs, kind, calib_dir, tmp_path):
+    """What OpenVINO runs on x86 without VNNI (openvino_int8.float_attention_products): the
+    attention products in float, every weight product still an INT8 kernel, and the outputs
+    those of the Q/DQ file with its attention products in float (ONNX Runtime's form)."""
     from vit_deploy.backends.ort_int8 import float_attention_products
     g = graphs[kind]
     x = _held_out(g["src"], calib_dir)[:4]
-    with ovb.OvRunner(g["ov"], 8, x.shape[-1], "CPU", 1, static_shapes=False, without_vnni=True) as r:
+    with ovb.OvRunner(g["ov"], 8, x.shape[-1], "CPU", 1, static_shapes=False, float_attention=True) as r:
         got = r(x)
-        assert r.load_rewrites["float_attention_products"] == g["result"].attention_products >= 4
-        assert r.load_rewrites["signed_activations"] == g["ov_extras"]["int8_rewrite"]["uint8_activations"] > 0
+        assert r.float_attention_products == g["result"].attention_products >= 4
         layers = collections.Counter(
             (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
             for op in r.compiled.get_runtime_model().get_ordered_ops())
@@ -182,7 +180,6 @@ def test_openvino_form_without_vnni_keeps_weight_products_int8(graphs, kind, cal
                             and n.name in g["result"].quantized)
     int8_products = sum(layers[(t, p)] for t in ("FullyConnected", "MatMul") for p in ("i8", "u8"))
     assert int8_products == quantized_matmuls - g["result"].attention_products, layers
-    assert not layers[("FullyConnected", "u8")], layers  # int8 activations again
     assert not layers[("Subgraph", "i8")], layers  # no INT8 attention kernel left
     m = onnx.load(str(g["int8"]))
     assert float_attention_products(m) == g["result"].attention_products

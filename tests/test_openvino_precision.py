@@ -150,10 +150,10 @@ def test_float_attention_products_compute_exactly_where_int8_sums_saturate(tmp_p
     with ovb.OvRunner(tmp_path / "m.onnx", 2, 8, "CPU", 1, static_shapes=False, float_attention=True) as r:
         assert r.float_attention_products == 1
         np.testing.assert_allclose(r(x), exact, rtol=1e-6)
-        kinds = {op.get_rt_info()["runtimePrecision"].astype(str)
-                 for op in r.compiled.get_runtime_model().get_ordered_ops()
-                 if op.get_rt_info()["layerType"].astype(str) == "MatMul"}
-        assert kinds == {"f32"}, kinds
+        int8_layers = [(op.get_rt_info()["layerType"].astype(str), op.get_friendly_name())
+                       for op in r.compiled.get_runtime_model().get_ordered_ops()
+                       if op.get_rt_info()["runtimePrecision"].astype(str) in ("i8", "u8")]
+        assert not int8_layers, int8_layers  # however the CPU plugin fuses the product, not in INT8
     with ovb.OvRunner(tmp_path / "m.onnx", 2, 8, "CPU", 1, static_shapes=True, float_attention=True) as r:
         np.testing.assert_allclose(r(x), exact, rtol=1e-6)  # the ARM path reads the same model
 

@@ -74,6 +74,7 @@ def main() -> None:
     logging.getLogger("vit_deploy").setLevel(logging.ERROR)
     from vit_deploy.images import default_calibration_dir, list_images, load_images
     from vit_deploy.quantize import quantize
+    from vit_deploy.backends.openvino_backend import attention_in_float_here
     from vit_deploy.zoo import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
     src = backbone(args.cache)
@@ -96,7 +97,8 @@ def main() -> None:
         q = work / f"{''.join(c if c.isalnum() else '_' for c in name)}.int8.onnx"
         quantize(src, work / "calib", q, calib_size=args.calib, preset="imagenet", **kw)
         runners[f"vit-deploy {name}, ORT"] = peers.ort_runner(peers.ort_compiled(q, q.with_suffix(".ort.onnx"), "int8"), th)
-        runners[f"vit-deploy {name}, OpenVINO"] = peers.ov_runner(peers.ov_compiled(q, q.with_suffix(".xml"), 8), th)
+        runners[f"vit-deploy {name}, OpenVINO"] = peers.vd_ov_runner(peers.ov_compiled(q, q.with_suffix(".xml"), 8), th,
+                                                                     attention_in_float_here())
     if not args.no_peers:
         nncf = peers.nncf_models(src, calib, work)
         runners["NNCF OpenVINO API, OpenVINO"] = peers.ov_runner(nncf["ov"], th)

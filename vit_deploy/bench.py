@@ -37,7 +37,7 @@ def device_info() -> dict:
     try:
         text = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-        flags = x86_flags() or set()
+        flags = x86_flags(text) or set()
         info["isa"] = {f: f in flags for f in ("avx2", "avx512f", *INT8_DOT_PRODUCT, "avx512_bf16", "amx_tile")}
     except OSError:
         info["cpu"] = platform.processor()

@@ -8,12 +8,14 @@ from pathlib import Path
 INT8_DOT_PRODUCT = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
-def x86_flags() -> set[str] | None:
-    """The CPU flags Linux reports; None where they cannot be read (another OS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
+def x86_flags(text: str | None = None) -> set[str] | None:
+    """The CPU flags Linux reports (in `text`, /proc/cpuinfo's content when already read);
+    None where they cannot be read (another OS)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
     return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
 
 

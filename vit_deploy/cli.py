@@ -172,6 +172,9 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
                    "activations, Linears only, the image-reading layer in float. auto: builds both, keeps the one "
                    "whose outputs correlate best with FP32 on held-out calibration images.")
 @_overflow_fix_option
+@click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
+              help="gptq: each Linear's rounding error carried onto its other input rows, weighted by the "
+                   "calibration activations (same file format and speed; nearest for models over 2 GB).")
 @click.option("--img-size", type=int, default=None, help="For ONNX files without vit-deploy metadata.")
 @click.option("--mean", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
 @click.option("--std", default=None, help="r,g,b (for ONNX files without vit-deploy metadata).")
@@ -181,7 +184,7 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
 @click.option("--report", is_flag=True, help="Print the per-layer table.")
 @_handle_errors
 def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bias_correction, exclude, attention, scheme,
-             max_drop, recipe, overflow_fix, img_size, mean, std, preset, out, report):
+             max_drop, recipe, overflow_fix, weight_rounding, img_size, mean, std, preset, out, report):
     """Any ViT ONNX model -> INT8 Q/DQ ONNX from calibration images."""
     _setup_logging(False)
     from .images import default_calibration_dir
@@ -191,7 +194,7 @@ def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bi
                           calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=triple(mean, "--mean"),
                           std=triple(std, "--std"), preset=preset, attention=attention, report=report, scheme=scheme,
                           overflow_fix=overflow_fix, smooth=None if no_smooth else _smooth(smooth),
-                          bias_correction=not no_bias_correction, recipe=recipe)
+                          bias_correction=not no_bias_correction, recipe=recipe, weight_rounding=weight_rounding)
     if report:
         click.echo(format_report(result.report))
     click.echo(f"preprocessing from {result.preprocessing_source}: {result.preprocessing['img_size']} px, "
@@ -200,7 +203,8 @@ def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bi
         click.echo(f"recipe {result.recipe}: output correlation with FP32, worst / mean: " + ", ".join(
             f"{k} {v['worst']:.5f} / {v['mean']:.5f}" for k, v in result.recipe_scores.items()))
     click.echo(f"outliers migrated at {result.smoothed_layernorms} LayerNorm(s) and {result.smoothed_products} other "
-               f"Linear input(s), {result.bias_corrected} bias(es) corrected")
+               f"Linear input(s), {result.bias_corrected} bias(es) corrected, {result.gptq_weights} weight(s) rounded "
+               "by GPTQ")
     click.echo(f"wrote {result.path}: {len(result.quantized)} matrix products in INT8, {len(result.excluded)} in float"
                + (f", top-1 agreement {result.agreement:.4f}" if result.agreement is not None else ""))
 

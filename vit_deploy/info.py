@@ -50,7 +50,8 @@ def format_summary(manifest: dict, out_dir=None, verify: bool = False) -> str:
         if q.get("smoothquant") is not None:
             lines.append(f"           outliers migrated at {q.get('smoothed_layernorms', 0)} LayerNorm(s) and "
                          f"{q.get('smoothed_products', 0)} other Linear input(s) (SmoothQuant {q['smoothquant']}), "
-                         f"{q.get('bias_corrected', 0)} bias(es) corrected, "
+                         f"{q.get('bias_corrected', 0)} bias(es) corrected, {q.get('gptq_weights', 0)} weight(s) "
+                         "rounded by GPTQ, "
                          f"{q.get('attention_products', 0)} attention product(s) in INT8")
     for s in manifest.get("skipped_targets") or []:
         lines.append(f"  skipped {s['runtime']}: {s['reason']}")

@@ -19,7 +19,10 @@ far larger than the rest (FQ-ViT, RepQ-ViT):
   percentile, which cut the outlier channels of a trained ViT-S (correlation 0.995
   against 0.9987 with minmax);
 - bias correction: each quantized Linear's bias absorbs E[x] . (W - W_q), the mean
-  shift that weight rounding causes.
+  shift that weight rounding causes;
+- GPTQ weight rounding (weight_rounding.py): each Linear's rounding error carried onto
+  its input rows not yet rounded, weighted by the calibration inputs' Gram matrix; the
+  same scales and format as nearest rounding (models under 2 GB; vit-h14 keeps nearest).
 
 The overflow fix: x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake)
 multiply uint8 by int8 with VPMADDUBSW, which adds each pair of products into a
@@ -51,7 +54,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import calibration_stats as cs
-from . import onnx_io, weight_pairs
+from . import onnx_io, weight_pairs, weight_rounding
 from .errors import CheckFailed, UserError
 from .images import list_images, load_images, split_for_calibration
 from .metrics import correlation, cosine  # noqa: F401  (cosine: one definition, shared with the parity check)
@@ -62,12 +65,13 @@ log = logging.getLogger("vit_deploy")
 METHODS = cs.METHODS
 SCHEMES = ("symmetric", "centred", "asymmetric")
 RECIPES = ("auto", "smoothquant", "plain")
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
 SELECT_IMAGES = 8  # "auto" compares the recipes' outputs on this many held-out (else calibration) images
 # "auto" keeps smoothquant (attention in INT8: the faster file) where its worst image correlates
 # with FP32 at least this well, and only below it builds the plain recipe and keeps the better
 GOOD_ENOUGH = 0.997
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-RECIPE = "auto-smoothquant-or-plain-centred-v7"  # in the stage's cache key: a new recipe rebuilds old bundles
+RECIPE = "auto-smoothquant-or-plain-centred-gptq-v8"  # in the stage's cache key: a new recipe rebuilds old bundles
 SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
 MUL_GAIN = 0.5  # an explicit smoothing Mul must at least halve the Linear's output error to be worth its op
 
@@ -111,6 +115,7 @@ class QuantResult:
     attention_products: int = 0  # activation x activation MatMuls quantized
     recipe: str = "smoothquant"
     recipe_scores: dict = field(default_factory=dict)
+    gptq_weights: int = 0  # weights rounded by GPTQ (the rest: nearest)
 
 
 def _initializers(model) -> dict:
@@ -354,6 +359,43 @@ def quantize_weight(w: np.ndarray, axis: int, top) -> tuple[np.ndarray, np.ndarr
     return q, scale.astype(np.float32)
 
 
+def _weight_steps(t: QTarget, w: np.ndarray, levels: dict, rounded: dict | None):
+    """(int8 values, scale) of a target's weight: GPTQ's where it was rounded so, else nearest."""
+    if rounded and t.weight in rounded:
+        q, scale = rounded[t.weight]
+        return q.copy(), scale.copy()
+    return quantize_weight(w, t.axis, levels.get(t.weight, 127))
+
+
+def gptq_weights(model: onnx.ModelProto, targets: list[QTarget], levels: dict, calib: np.ndarray) -> dict:
+    """{weight: (int8 values, scale)} rounded by GPTQ (weight_rounding.py) for the Linear
+    weights of `targets`, from the Gram matrices of their inputs over `calib` in `model`
+    (the graph being quantized: smoothed or not). Scales and ranges are nearest rounding's."""
+    inits = _initializers(model)
+    readers: dict[str, list[QTarget]] = {}
+    widths: dict[str, int] = {}
+    for t in targets:
+        if t.weight is None or t.op_type not in ("MatMul", "Gemm") or len(inits[t.weight].dims) != 2:
+            continue
+        readers.setdefault(t.activation, []).append(t)
+        widths[t.activation] = int(inits[t.weight].dims[1 - t.axis])  # the input axis
+    rounded = {}
+    for grams in cs.collect_grams(model, widths, calib):
+        for tensor, gram in grams.items():
+            u = weight_rounding.inverse_factor(gram) if gram.shape[0] == widths[tensor] else None
+            for t in readers[tensor] if u is not None else ():
+                if t.weight in rounded:
+                    continue
+                w = onnx_io.array(inits[t.weight]).astype(np.float32)
+                level = levels.get(t.weight, 127)
+                _, scale = quantize_weight(w, t.axis, level)
+                rows = w if t.axis == 1 else w.T  # [in, out]
+                q = weight_rounding.round_rows(rows, scale, weight_rounding.tops_of(rows, scale, 1), u,
+                                               pair_safe=level == PAIR_SAFE)
+                rounded[t.weight] = (q if t.axis == 1 else np.ascontiguousarray(q.T), scale)
+    return rounded
+
+
 def _constant(name, producers, inits):
     """The initializer behind `name`, looking through Identity nodes (torch's exporter
     writes one initializer and an Identity per reader when several biases are equal)."""
@@ -378,7 +420,8 @@ def _bias_ref(node, producers, consumers, inits):
     return None
 
 
-def correct_biases(model: onnx.ModelProto, targets: list[QTarget], stats: dict, levels: dict) -> int:
+def correct_biases(model: onnx.ModelProto, targets: list[QTarget], stats: dict, levels: dict,
+                   rounded: dict | None = None) -> int:
     """Bias correction (in place): the weight rounding error shifts each output channel's
     mean by E[x] . (W - W_q); add that back to the bias. Returns how many were corrected."""
     inits, producers, consumers = onnx_io.graph_index(model)
@@ -390,7 +433,7 @@ def correct_biases(model: onnx.ModelProto, targets: list[QTarget], stats: dict, 
         ref = _bias_ref(nodes[t.node], producers, consumers, inits)
         mean = stats[t.activation].mean
         w = onnx_io.array(inits[t.weight]).astype(np.float64)
-        q, scale = quantize_weight(w.astype(np.float32), t.axis, levels.get(t.weight, 127))
+        q, scale = _weight_steps(t, w.astype(np.float32), levels, rounded)
         shape = [1] * w.ndim
         shape[t.axis] = -1
         dw = w - q.astype(np.float64) * scale.reshape(shape)
@@ -513,13 +556,13 @@ def weight_levels(model: onnx.ModelProto, targets: list[QTarget], overflow_fix: 
 
 def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str, list[float]],
                scheme: str = "symmetric", levels: dict | None = None,
-               in_place: bool = False, operand_levels: int = 127) -> onnx.ModelProto:
+               in_place: bool = False, operand_levels: int = 127, rounded: dict | None = None) -> onnx.ModelProto:
     """Q/DQ on each target's activation (per tensor) and weight (per channel, int8, symmetric;
     `levels` gives some weights 7 bits or pair-safe 8 bits, see the overflow fix above; `operand_levels` does the
     same for the second operand of activation x activation products, see _clip_operand)."""
     inits = _initializers(model)
     new_nodes, new_inits = [], []
-    centres = _centres(model, targets, ranges, levels or {}) if scheme == "centred" else {}
+    centres = _centres(model, targets, ranges, levels or {}, rounded) if scheme == "centred" else {}
     act_dq: dict[str, str] = {}
     weight_dq: dict[str, str] = {}
     rewire: dict[tuple[str, int], str] = {}
@@ -544,7 +587,7 @@ def insert_qdq(model: onnx.ModelProto, targets: list[QTarget], ranges: dict[str,
         if t.weight is not None:
             if t.weight not in weight_dq:
                 w = onnx_io.array(inits[t.weight]).astype(np.float32)
-                q, scale = quantize_weight(w, t.axis, (levels or {}).get(t.weight, 127))
+                q, scale = _weight_steps(t, w, levels or {}, rounded)
                 tag = _safe(t.weight)
                 qname, s_name, z_name = f"{tag}_int8", f"{tag}_scale", f"{tag}_zero_point"
                 new_inits += [onnx_io.tensor(q, qname),
@@ -589,7 +632,7 @@ def _centre_of(clip: float, lo: float, hi: float) -> tuple[float, float] | None:
 
 
 def _centres(model: onnx.ModelProto, targets: list[QTarget], ranges: dict,
-             levels: dict) -> dict[str, tuple[float, float]]:
+             levels: dict, rounded: dict | None = None) -> dict[str, tuple[float, float]]:
     """The "centred" scheme (in place on the readers' biases): quantize x - c, c the middle of
     x's range, symmetrically with zero point 0, and add c * (sum of each weight column) to
     the bias. Exact, and TensorRT-valid, yet it spends all 256 levels on a one-sided tensor
@@ -612,7 +655,7 @@ def _centres(model: onnx.ModelProto, targets: list[QTarget], ranges: dict,
         c, step = centre
         for t in ts:
             w = onnx_io.array(inits[t.weight]).astype(np.float32)
-            q, scale = quantize_weight(w, t.axis, levels.get(t.weight, 127))
+            q, scale = _weight_steps(t, w, levels, rounded)
             wq = q.astype(np.float64) * (scale[None, :] if t.axis == 1 else scale[:, None])
             shift = c * wq.sum(axis=0 if t.axis == 1 else 1)  # the int8 product sees x - c
             node = nodes[t.node]
@@ -737,7 +780,7 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
              max_drop: float | None = None, img_size=None, mean=None, std=None, preset: str | None = None,
              attention: bool = True, report: bool = False, recalibrate: bool = False, scheme: str = "symmetric",
              overflow_fix: str = "auto", smooth="auto",
-             bias_correction: bool = True, recipe: str = "auto") -> QuantResult:
+             bias_correction: bool = True, recipe: str = "auto", weight_rounding: str = "gptq") -> QuantResult:
     """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring)."""
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -746,6 +789,8 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
         raise UserError(f"unknown scheme '{scheme}': choose from {', '.join(SCHEMES)}")
     if recipe not in RECIPES:
         raise UserError(f"unknown recipe '{recipe}': choose from {', '.join(RECIPES)}")
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise UserError(f"unknown weight rounding '{weight_rounding}': choose from {', '.join(WEIGHT_ROUNDINGS)}")
     if method not in METHODS:
         raise UserError(f"unknown calibration method '{method}': choose from {', '.join(METHODS)}")
     if calib_size < 1:
@@ -764,12 +809,12 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
                                 calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=mean, std=std,
                                 preset=preset, attention=attention, report=report, recalibrate=recalibrate,
                                 scheme=scheme, overflow_fix=overflow_fix, smooth=smooth,
-                                bias_correction=bias_correction, recipe=recipe)
+                                bias_correction=bias_correction, recipe=recipe, weight_rounding=weight_rounding)
 
 
 def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude, calib_size, max_drop, img_size,
                      mean, std, preset, attention, report, recalibrate, scheme, overflow_fix, smooth,
-                     bias_correction, recipe) -> QuantResult:
+                     bias_correction, recipe, weight_rounding) -> QuantResult:
     from .weights import sha256_file
 
     pre, pre_source = preprocessing_of(model, model_path, img_size, mean, std, preset)
@@ -815,6 +860,18 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
     ranges = {t: [thresholds[t], float(stats[t].lo.min()), float(stats[t].hi.max())] for t in thresholds}
     s_targets = find_targets(smoothed, attention)  # smoothing gave the rescaled weights new names
     levels = weight_levels(smoothed, s_targets, overflow_fix)
+    # GPTQ needs one more pass over the images and each weight in float64 beside its Gram
+    # matrix; a model with external weights (vit-h14, whose memory line is 3x its weights)
+    # keeps nearest rounding.
+    gptq = weight_rounding == "gptq" and not onnx_io.has_external(model)
+    if weight_rounding == "gptq" and not gptq:
+        log.info("weight rounding: nearest (GPTQ is for models under 2 GB)")
+    # "auto" chooses between recipes rounded to nearest, then rounds the chosen one by GPTQ:
+    # GPTQ fits the calibration images, and where no held-out image is left the choice is
+    # made on them (the real DINOv2: smoothquant + GPTQ scored >= 0.997 there and 0.9386 on
+    # the 28 other photos).
+    rounded = gptq_weights(smoothed, [t for t in s_targets if t.node not in excluded], levels, calib) \
+        if gptq and not choose and recipe != "plain" else {}
     corrected = [0]
 
     def build(excl: set[str]) -> onnx.ModelProto:
@@ -822,25 +879,32 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
         # (which `smoothed` may be) intact, and the fallback builds again.
         base = _copy(smoothed) if keep_original else smoothed
         if bias_correction:
-            corrected[0] = correct_biases(base, [t for t in s_targets if t.node not in excl], stats, levels)
+            corrected[0] = correct_biases(base, [t for t in s_targets if t.node not in excl], stats, levels, rounded)
         # bias correction renames the biases it changes, not the weights: targets still hold
         return insert_qdq(base, [t for t in s_targets if t.node not in excl], ranges, scheme, levels, in_place=True,
-                          operand_levels=63 if overflow_fix == "all" else 127)
+                          operand_levels=63 if overflow_fix == "all" else 127, rounded=rounded)
 
-    qmodel = build(excluded)
+    qmodel = build(excluded) if recipe != "plain" else None
     chosen_recipe, scores = "smoothquant", {}
     if choose:
         images = load_images((held_paths or calib_paths)[:SELECT_IMAGES], pre)[0]
         ref = _run(model, images)[0]
         scores["smoothquant"] = output_correlation(ref, _run(qmodel, images)[0])
     if recipe == "plain" or (choose and scores["smoothquant"]["worst"] < GOOD_ENOUGH):
-        plain, plain_excluded, plain_corrected = build_plain(model, targets, excluded, stats0, overflow_fix,
-                                                            bias_correction)
+        plain_args = (model, targets, excluded, stats0, overflow_fix, bias_correction)
+        plain, plain_excluded, plain_corrected, plain_rounded = build_plain(
+            *plain_args, calib if gptq and not choose else None)
         if choose:
             scores["plain"] = output_correlation(ref, _run(plain, images)[0])
         if recipe == "plain" or scores["plain"]["worst"] > scores["smoothquant"]["worst"]:
+            if gptq and choose:
+                plain, plain_excluded, plain_corrected, plain_rounded = build_plain(*plain_args, calib)
             chosen_recipe, qmodel, excluded, corrected[0] = "plain", plain, plain_excluded, plain_corrected
+            rounded = plain_rounded
             s_targets, levels, factors = find_targets(model, False), weight_levels(model, targets, overflow_fix), {}
+    if gptq and choose and chosen_recipe == "smoothquant":
+        rounded.update(gptq_weights(smoothed, [t for t in s_targets if t.node not in excluded], levels, calib))
+        qmodel = build(excluded)
     if choose:
         log.info("recipe: %s (output correlation worst/mean on %d images: %s)", chosen_recipe,
                  min(SELECT_IMAGES, len(held_paths or calib_paths)),
@@ -855,6 +919,7 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
         qmodel, excluded = _fallback(model, qmodel, build, excluded, result.report, held_paths or calib_paths,
                                      pre, max_drop, result)
     result.bias_corrected = corrected[0]
+    result.gptq_weights = len({t.weight for t in s_targets if t.weight in rounded and t.node not in excluded})
     result.quantized = sorted({t.node for t in targets} - excluded)
     result.attention_products = len({t.node for t in targets if t.weight is None} - excluded)  # plain: 0
     result.excluded = sorted(excluded)
@@ -870,6 +935,7 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
                                   "smoothquant": str(smooth), "smoothed_layernorms": result.smoothed_layernorms,
                                   "smoothed_products": result.smoothed_products,
                                   "bias_corrected": result.bias_corrected,
+                                  "gptq_weights": result.gptq_weights,
                                   "attention_products": result.attention_products,
                                   "quantized": len(result.quantized), "excluded": result.excluded,
                                   "size_folded": folded},
@@ -883,7 +949,8 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
 
 
 def build_plain(model: onnx.ModelProto, targets: list[QTarget], excluded: set[str], stats0: dict, overflow_fix: str,
-                bias_correction: bool) -> tuple[onnx.ModelProto, set[str], int]:
+                bias_correction: bool, gptq_images: np.ndarray | None = None
+                ) -> tuple[onnx.ModelProto, set[str], int, dict]:
     """The plain recipe, for trained ViTs whose rare large activations carry meaning: the
     full calibration range (no clipping: the massive activations of a DINOv2's class token
     are 10 elements among millions, and clipping them moved every output), no migration,
@@ -896,7 +963,8 @@ def build_plain(model: onnx.ModelProto, targets: list[QTarget], excluded: set[st
     held-out image on both runtimes with 10 and with 32 calibration images (ORT 0.99499 ->
     0.99531 and 0.99654 -> 0.99728, OpenVINO 0.99398 -> 0.99520 and 0.99347 -> 0.99731) for
     1/12 of the Linears' INT8 gain.
-    Returns (model, products in float, biases corrected)."""
+    `gptq_images`: round the weights by GPTQ on these calibration images (else nearest).
+    Returns (model, products in float, biases corrected, {weight: GPTQ's int8 and scale})."""
     skip = excluded | {t.node for t in first_layer(model, targets) + first_block(model, targets)} | \
         {t.node for t in targets if t.weight is None}
     chosen = [t for t in targets if t.node not in skip and t.activation in stats0]
@@ -906,9 +974,10 @@ def build_plain(model: onnx.ModelProto, targets: list[QTarget], excluded: set[st
         ranges[t.activation] = [max(abs(lo), abs(hi)), lo, hi]
     out = _copy(model)
     levels = weight_levels(model, chosen, overflow_fix)
-    corrected = correct_biases(out, chosen, stats0, levels) if bias_correction else 0
-    out = insert_qdq(out, chosen, ranges, "centred", levels, in_place=True)
-    return out, {t.node for t in targets} - {t.node for t in chosen}, corrected
+    rounded = gptq_weights(model, chosen, levels, gptq_images) if gptq_images is not None else {}
+    corrected = correct_biases(out, chosen, stats0, levels, rounded) if bias_correction else 0
+    out = insert_qdq(out, chosen, ranges, "centred", levels, in_place=True, rounded=rounded)
+    return out, {t.node for t in targets} - {t.node for t in chosen}, corrected, rounded
 
 
 def output_correlation(ref: np.ndarray, out: np.ndarray) -> dict:
@@ -973,5 +1042,6 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
                               "smoothed_layernorms": result.smoothed_layernorms,
                               "smoothed_products": result.smoothed_products,
                               "bias_corrected": result.bias_corrected,
+                              "gptq_weights": result.gptq_weights,
                               "attention_products": result.attention_products}}
     return tx.add_artifact(entry, onnx_io.files_of(out))

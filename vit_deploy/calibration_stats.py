@@ -165,21 +165,21 @@ def collect_histograms(model: onnx.ModelProto, tensors: list[str], images: np.nd
     return hists
 
 
-GRAM_BUDGET = 512 << 20  # bytes of Gram matrices held at once; more tensors take more passes
+GRAM_BUDGET = 768 << 20  # bytes of Gram matrices held at once (vit-b16: 537 MB, one pass; ViT-L: three)
 
 
 def collect_grams(model: onnx.ModelProto, widths: dict[str, int], images: np.ndarray):
-    """Yield {tensor: X^T X} (float64, [C, C], over every image's token rows) for groups of
+    """Yield {tensor: X^T X} (float32, [C, C], over every image's token rows) for groups of
     the tensors in `widths` ({tensor: C}), each group one pass over the images, sized to
     GRAM_BUDGET: the Gram matrices of a ViT-L's Linear inputs would take 2 GB at once.
     GPTQ's input (weight_rounding.py)."""
     group, size = [], 0
     for t, width in widths.items():
-        if group and size + width * width * 8 > GRAM_BUDGET:
+        if group and size + width * width * 4 > GRAM_BUDGET:
             yield _grams_of(model, group, images)
             group, size = [], 0
         group.append(t)
-        size += width * width * 8
+        size += width * width * 4
     if group:
         yield _grams_of(model, group, images)
 
@@ -189,8 +189,11 @@ def _grams_of(model: onnx.ModelProto, tensors: list[str], images: np.ndarray) ->
     for outs in _outputs_over(model, tensors, images, "calibrating (weight rounding)"):
         for t, x in outs.items():
             rows = _channels_last(x).astype(np.float32, copy=False)
-            g = rows.T @ rows  # float32 per batch, summed in float64
-            grams[t] = grams[t] + g if t in grams else g.astype(np.float64)
+            g = rows.T @ rows
+            if t in grams:
+                grams[t] += g
+            else:
+                grams[t] = g
     return grams
 
 

@@ -55,7 +55,7 @@ def inverse_factor(gram: np.ndarray) -> np.ndarray | None:
 
 def _factor_torch(h: np.ndarray) -> np.ndarray:
     import torch
-    t = torch.from_numpy(h)
+    t = torch.from_numpy(h.astype(np.float32))  # float32 as GPTQ's own code: half the time of float64
     lower = torch.linalg.cholesky(t)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float().numpy()
 

@@ -15,7 +15,7 @@ from vit_deploy.images import list_images
 from vit_deploy.metrics import correlation
 from vit_deploy.onnx_export import ort_session
 from vit_deploy.pipeline import export
-from vit_deploy.quantize import quantize
+from vit_deploy.quantize import quantize, quantize_weight
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,7 @@ def test_gptq_rounding_errs_less_than_nearest_on_rows_it_never_saw():
     w = (rng.normal(size=(d_in, d_out)) / 16).astype(np.float32)
     u = weight_rounding.inverse_factor(calib.T.astype(np.float64) @ calib)
     for pair_safe in (False, True):
-        nearest, scale = weight_pairs.quantize_pair_safe(w, 1) if pair_safe else \
-            __import__("vit_deploy.quantize", fromlist=["x"]).quantize_weight(w, 1, 127)
+        nearest, scale = weight_pairs.quantize_pair_safe(w, 1) if pair_safe else quantize_weight(w, 1, 127)
         top = weight_rounding.tops_of(w, scale, 1)
         q = weight_rounding.round_rows(w, scale, top, u, pair_safe)
         assert q.dtype == np.int8 and (np.abs(q.astype(np.int16)) <= top[None, :]).all()

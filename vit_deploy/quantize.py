@@ -869,9 +869,11 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
     # "auto" chooses between recipes rounded to nearest, then rounds the chosen one by GPTQ:
     # GPTQ fits the calibration images, and where no held-out image is left the choice is
     # made on them (the real DINOv2: smoothquant + GPTQ scored >= 0.997 there and 0.9386 on
-    # the 28 other photos).
-    rounded = gptq_weights(smoothed, [t for t in s_targets if t.node not in excluded], levels, calib) \
-        if gptq and not choose and recipe != "plain" else {}
+    # the 38 other photos).
+    def smoothquant_by_gptq() -> dict:
+        return gptq_weights(smoothed, [t for t in s_targets if t.node not in excluded], levels, calib)
+
+    rounded = smoothquant_by_gptq() if gptq and not choose and recipe != "plain" else {}
     corrected = [0]
 
     def build(excl: set[str]) -> onnx.ModelProto:
@@ -903,7 +905,7 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
             rounded = plain_rounded
             s_targets, levels, factors = find_targets(model, False), weight_levels(model, targets, overflow_fix), {}
     if gptq and choose and chosen_recipe == "smoothquant":
-        rounded.update(gptq_weights(smoothed, [t for t in s_targets if t.node not in excluded], levels, calib))
+        rounded = smoothquant_by_gptq()
         qmodel = build(excluded)
     if choose:
         log.info("recipe: %s (output correlation worst/mean on %d images: %s)", chosen_recipe,

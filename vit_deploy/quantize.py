@@ -382,7 +382,7 @@ def gptq_weights(model: onnx.ModelProto, targets: list[QTarget], levels: dict, c
     rounded = {}
     for grams in cs.collect_grams(model, widths, calib):
         for tensor, gram in grams.items():
-            u = weight_rounding.inverse_factor(gram) if gram.shape[0] == widths[tensor] else None
+            order, u = weight_rounding.factor_in_order(gram) if gram.shape[0] == widths[tensor] else (None, None)
             for t in readers[tensor] if u is not None else ():
                 if t.weight in rounded:
                     continue
@@ -390,8 +390,7 @@ def gptq_weights(model: onnx.ModelProto, targets: list[QTarget], levels: dict, c
                 level = levels.get(t.weight, 127)
                 _, scale = quantize_weight(w, t.axis, level)
                 rows = w if t.axis == 1 else w.T  # [in, out]
-                q = weight_rounding.round_rows(rows, scale, weight_rounding.tops_of(rows, scale, 1), u,
-                                               pair_safe=level == PAIR_SAFE)
+                q = weight_rounding.round_in_order(rows, scale, u, order, pair_safe=level == PAIR_SAFE)
                 rounded[t.weight] = (q if t.axis == 1 else np.ascontiguousarray(q.T), scale)
     return rounded
 

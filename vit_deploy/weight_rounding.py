@@ -9,7 +9,8 @@ ranges and the int8 format stay those of nearest rounding, so the file is the sa
 (symmetric per-channel int8, zero point 0: TensorRT-valid) and runs at the same speed.
 
 Measured on the real DINOv2 ViT-S/14 with `python benchmarks/real_vit.py --iters 40`
-(38 held-out photos, AVX2 EPYC, 2026-11-29): mean / worst output correlation 0.99892 /
+(38 held-out photos, AVX2 EPYC, 2026-11-29), rows in input order (before the activation
+order below): mean / worst output correlation 0.99892 /
 0.99605 -> 0.99917 / 0.99635 on ONNX Runtime, 0.99891 / 0.99685 -> 0.99909 / 0.99521 on
 OpenVINO (that worst image is chaotic: see the README). An ad-hoc probe in exact Q/DQ
 arithmetic put the activations' error alone (float weights) at mean 0.99932.
@@ -18,7 +19,7 @@ Rows go in GPTQ's activation order (input_order: by falling energy of the input 
 in pairs: a trained ViT's outlier channels are rounded first, while the most rows are left
 to take up their error. On a synthetic Linear whose 6 outlier channels come last in input
 order that cut the held-out error to about 0.35x (tests/test_quantize.py); on the real
-DINOv2 it moved the mean correlation by -0.0001 to +0.0002 (`benchmarks/real_vit.py
+DINOv2 it moved the mean correlation by -0.00008 to +0.00023 (`benchmarks/real_vit.py
 --no-peers --iters 0`, with `--calib 10` and `--calib 20`, 2026-11-29; see the README).
 
 Pair-safe weights (weight_pairs.py) keep their constraint: the second row of each pair

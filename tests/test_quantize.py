@@ -136,20 +136,32 @@ def test_auto_recipe_keeps_a_good_enough_smoothquant_without_building_plain(tiny
     assert r.recipe == "smoothquant" and set(r.recipe_scores) == {"smoothquant"}
 
 
+def _correlated_linear(gain: np.ndarray | None = None, d_in: int = 256, d_out: int = 96):
+    """(calibration rows, held-out rows, [in, out] weight) of a Linear whose input channels
+    correlate as a ViT's do, each channel times `gain` (outlier channels)."""
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(d_in, d_in)) * np.exp(-np.arange(d_in) / 24)[None, :]  # correlated channels
+    gain = np.ones(d_in) if gain is None else gain
+    rows = lambda n: ((rng.normal(size=(n, d_in)) @ mix.T) * gain).astype(np.float32)  # noqa: E731
+    calib, held = rows(2048), rows(2048)
+    return calib, held, (rng.normal(size=(d_in, d_out)) / 16).astype(np.float32)
+
+
+def _nearest(w: np.ndarray, pair_safe: bool):
+    """(int8 steps, scale) of nearest rounding, per output column of a [in, out] weight."""
+    from vit_deploy import weight_pairs
+    return weight_pairs.quantize_pair_safe(w, 1) if pair_safe else quantize_weight(w, 1, 127)
+
+
 def test_gptq_rounding_errs_less_than_nearest_on_rows_it_never_saw():
     """GPTQ (weight_rounding.py) against nearest rounding on a Linear whose inputs correlate
     as a ViT's do: the product's error on new rows of the same distribution is smaller, the
     scales and ranges are nearest rounding's, and pair-safe weights stay pair-safe."""
     from vit_deploy import weight_pairs, weight_rounding
-    rng = np.random.default_rng(0)
-    d_in, d_out = 256, 96
-    mix = rng.normal(size=(d_in, d_in)) * np.exp(-np.arange(d_in) / 24)[None, :]  # correlated channels
-    rows = lambda n: (rng.normal(size=(n, d_in)) @ mix.T).astype(np.float32)  # noqa: E731
-    calib, held = rows(2048), rows(2048)
-    w = (rng.normal(size=(d_in, d_out)) / 16).astype(np.float32)
+    calib, held, w = _correlated_linear()
     u = weight_rounding.inverse_factor(calib.T.astype(np.float64) @ calib)
     for pair_safe in (False, True):
-        nearest, scale = weight_pairs.quantize_pair_safe(w, 1) if pair_safe else quantize_weight(w, 1, 127)
+        nearest, scale = _nearest(w, pair_safe)
         top = weight_rounding.tops_of(w, scale, 1)
         q = weight_rounding.round_rows(w, scale, top, u, pair_safe)
         assert q.dtype == np.int8 and (np.abs(q.astype(np.int16)) <= top[None, :]).all()
@@ -164,19 +176,15 @@ def test_gptq_rounds_outlier_channels_first():
     activation order (input_order: by falling energy, in pairs) they go first. Held-out
     error < 0.6x the input order's (about 0.35x here), pair-safe weights still pair-safe."""
     from vit_deploy import weight_pairs, weight_rounding
-    rng = np.random.default_rng(0)
-    d_in, d_out = 256, 96
-    mix = rng.normal(size=(d_in, d_in)) * np.exp(-np.arange(d_in) / 24)[None, :]
+    d_in = 256
     gain = np.ones(d_in)
     gain[-6:] = 30.0  # the outlier channels, last
-    rows = lambda n: ((rng.normal(size=(n, d_in)) @ mix.T) * gain).astype(np.float32)  # noqa: E731
-    calib, held = rows(2048), rows(2048)
-    w = (rng.normal(size=(d_in, d_out)) / 16).astype(np.float32)
+    calib, held, w = _correlated_linear(gain, d_in)
     h = calib.T.astype(np.float64) @ calib
     order, u = weight_rounding.factor_in_order(h)
     assert set(order[:6]) == set(range(d_in - 6, d_in)) and (order[1::2] == order[::2] + 1).all()
     for pair_safe in (False, True):
-        _, scale = weight_pairs.quantize_pair_safe(w, 1) if pair_safe else quantize_weight(w, 1, 127)
+        _, scale = _nearest(w, pair_safe)
         top = weight_rounding.tops_of(w, scale, 1)
         as_given = weight_rounding.round_rows(w, scale, top, weight_rounding.inverse_factor(h), pair_safe)
         first = weight_rounding.round_in_order(w, scale, u, order, pair_safe)

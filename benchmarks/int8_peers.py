@@ -87,11 +87,11 @@ def ov_runner(path: Path, threads: int):
     return lambda x: np.array(req.infer({0: x})[c.outputs[0]], copy=True)
 
 
-def vd_ov_runner(path: Path, threads: int, float_attention: bool):
-    """vit-deploy's OpenVINO INT8 artifact as its runner opens it (on x86 without VNNI the
-    attention products in float: backends/openvino_int8.float_attention_products)."""
+def vd_ov_runner(path: Path, threads: int, without_vnni: bool):
+    """vit-deploy's OpenVINO INT8 artifact as its runner opens it (on x86 without VNNI: the
+    attention products in float and int8 activations, backends/openvino_int8.for_cpus_without_vnni)."""
     from vit_deploy.backends.openvino_backend import OvRunner
-    r = OvRunner(path, 64, 0, "CPU", threads, static_shapes=False, float_attention=float_attention)
+    r = OvRunner(path, 64, 0, "CPU", threads, static_shapes=False, without_vnni=without_vnni)
     return lambda x: np.array(r.request.infer({0: x})[r.compiled.outputs[0]], copy=True)
 
 
@@ -199,8 +199,8 @@ def run_graph(kind: str, work: Path, args) -> list[dict]:
     dyn = ort_dynamic(fp32, work)
     th = args.threads
     max_batch = max(64, *args.batches)  # the Fashion-MNIST accuracy pass runs batches of 64
-    from vit_deploy.backends.openvino_backend import attention_in_float_here
-    here = attention_in_float_here()
+    from vit_deploy.backends.openvino_backend import without_vnni_here
+    here = without_vnni_here()
     runners = {
         "ORT FP32": ort_runner(ort_compiled(fp32, work / "fp32.ort.onnx", "fp32"), th),
         "OpenVINO FP32": ov_runner(fp32, th),
@@ -208,8 +208,8 @@ def run_graph(kind: str, work: Path, args) -> list[dict]:
         "vit-deploy INT8, OpenVINO": vd_ov_runner(ov_compiled(vd, work / "vd.int8.xml", max_batch), th, here),
         "vit-deploy INT8 --no-attention, OpenVINO": vd_ov_runner(
             ov_compiled(plain, work / "vd.no-attention.int8.xml", max_batch), th, here),
-        **({"vit-deploy INT8, OpenVINO, attention in INT8": vd_ov_runner(work / "vd.int8.xml", th, False)}
-           if here else {}),  # what this CPU would run without the float attention, measured beside it
+        **({"vit-deploy INT8, OpenVINO, the VNNI form": vd_ov_runner(work / "vd.int8.xml", th, False)}
+           if here else {}),  # what this CPU would run without the no-VNNI rewrites, measured beside it
         "NNCF OpenVINO API, OpenVINO": ov_runner(peers["ov"], th),
         "NNCF ONNX, OpenVINO": ov_runner(peers["onnx"], th),
         "NNCF ONNX, ORT": ort_runner(peers["onnx"], th),

@@ -75,7 +75,7 @@ def main() -> None:
     logging.getLogger("vit_deploy").setLevel(logging.ERROR)
     from vit_deploy.images import default_calibration_dir, list_images, load_images
     from vit_deploy.quantize import quantize
-    from vit_deploy.backends.openvino_backend import attention_in_float_here
+    from vit_deploy.backends.openvino_backend import without_vnni_here
     from vit_deploy.zoo import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
     src = backbone(args.cache)
@@ -99,7 +99,9 @@ def main() -> None:
         quantize(src, work / "calib", q, calib_size=args.calib, preset="imagenet", **kw)
         runners[f"vit-deploy {name}, ORT"] = peers.ort_runner(peers.ort_compiled(q, q.with_suffix(".ort.onnx"), "int8"), th)
         runners[f"vit-deploy {name}, OpenVINO"] = peers.vd_ov_runner(peers.ov_compiled(q, q.with_suffix(".xml"), 8), th,
-                                                                     attention_in_float_here())
+                                                                     without_vnni_here())
+        if not kw and without_vnni_here():  # what this CPU would run without the no-VNNI rewrites, beside it
+            runners[f"vit-deploy {name}, OpenVINO, the VNNI form"] = peers.vd_ov_runner(q.with_suffix(".xml"), th, False)
     if not args.no_peers:
         nncf = peers.nncf_models(src, calib, work)
         runners["NNCF OpenVINO API, OpenVINO"] = peers.ov_runner(nncf["ov"], th)

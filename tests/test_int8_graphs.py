@@ -163,16 +163,18 @@ def test_every_quantized_product_runs_as_an_int8_kernel(graphs, kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["timm-vit", "hf-dinov2-op17"])
-def test_openvino_float_attention_keeps_weight_products_int8(graphs, kind, calib_dir, tmp_path):
-    """What OpenVINO runs on x86 without VNNI (openvino_int8.float_attention_products): the
-    attention products in float, every weight product still an INT8 kernel, and the outputs
-    those of the Q/DQ file with its attention products in float (ONNX Runtime's form)."""
+def test_openvino_form_without_vnni_keeps_weight_products_int8(graphs, kind, calib_dir, tmp_path):
+    """What OpenVINO runs on x86 without VNNI (openvino_int8.for_cpus_without_vnni): the
+    attention products in float, every weight product an INT8 kernel on int8 activations
+    again, and the outputs those of the Q/DQ file with its attention products in float
+    (ONNX Runtime's form)."""
     from vit_deploy.backends.ort_int8 import float_attention_products
     g = graphs[kind]
     x = _held_out(g["src"], calib_dir)[:4]
-    with ovb.OvRunner(g["ov"], 8, x.shape[-1], "CPU", 1, static_shapes=False, float_attention=True) as r:
+    with ovb.OvRunner(g["ov"], 8, x.shape[-1], "CPU", 1, static_shapes=False, without_vnni=True) as r:
         got = r(x)
-        assert r.float_attention_products == g["result"].attention_products >= 4
+        assert r.load_rewrites["float_attention_products"] == g["result"].attention_products >= 4
+        assert r.load_rewrites["signed_activations"] == g["ov_extras"]["int8_rewrite"]["uint8_activations"] > 0
         layers = collections.Counter(
             (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
             for op in r.compiled.get_runtime_model().get_ordered_ops())
@@ -180,9 +182,13 @@ def test_openvino_float_attention_keeps_weight_products_int8(graphs, kind, calib
                             and n.name in g["result"].quantized)
     int8_products = sum(layers[(t, p)] for t in ("FullyConnected", "MatMul") for p in ("i8", "u8"))
     assert int8_products == quantized_matmuls - g["result"].attention_products, layers
+    assert not layers[("FullyConnected", "u8")], layers  # int8 activations again
     assert not layers[("Subgraph", "i8")], layers  # no INT8 attention kernel left
+    assert not any(t == "Clamp" for t, _ in layers), layers  # the operands' clips went with their Q/DQ
     m = onnx.load(str(g["int8"]))
+    assert sum(n.name.endswith("_ClipOperand") for n in m.graph.node) == g["result"].attention_products
     assert float_attention_products(m) == g["result"].attention_products
+    assert not any(n.op_type == "Clip" for n in m.graph.node)
     onnx.save(m, str(tmp_path / "float-attention.onnx"))
     assert _min_cos(_ort_exact(tmp_path / "float-attention.onnx", x), got) >= 0.9999
 
@@ -283,6 +289,44 @@ def test_ort_form_is_the_same_arithmetic(graphs, calib_dir, tmp_path):
     assert np.abs(_ort_exact(g["int8"], x) - _ort_exact(tmp_path / "u8.onnx", x)).max() < 1e-4
 
 
+@pytest.mark.parametrize("name, bounds, dropped", [
+    ("t_ClipOperand", (-63.0, 63.0), True),     # quantize._clip_operand's: +-63 steps of s = 1
+    ("relu6", (0.0, 6.0), False),               # the model's own: kept
+    ("t_ClipOperand", (-63.5, 63.5), False),    # not whole steps: not one of vit-deploy's
+])
+def test_float_attention_drops_only_the_operand_clips(tmp_path, name, bounds, dropped):
+    """Run in float, an attention product loses its operands' Q/DQ and the Clip that only the
+    INT8 kernels needed; a Clip of the model's own stays, in ONNX Runtime's form and in
+    OpenVINO's (which reads the Clip as Maximum -> Minimum)."""
+    from onnx import TensorProto, helper
+    from vit_deploy.backends import ort_int8
+    from vit_deploy.backends.openvino_int8 import float_attention_products
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n)
+             for n, v in (("s", 1.0), ("lo", bounds[0]), ("hi", bounds[1]))]
+    inits.append(numpy_helper.from_array(np.array(0, np.int8), "z"))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("Clip", ["x", "lo", "hi"], ["xc"], name=name),
+             helper.make_node("QuantizeLinear", ["xc", "s", "z"], ["kq"]),
+             helper.make_node("DequantizeLinear", ["kq", "s", "z"], ["kd"]),
+             helper.make_node("MatMul", ["xd", "kd"], ["y"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 8, 8]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "attn", io[:1], io[1:], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).uniform(-100, 100, (2, 8, 8)).astype(np.float32)
+    expect = x @ (x if dropped else np.clip(x, *bounds))
+    assert ort_int8.float_attention_products(model) == 1
+    assert any(n.op_type == "Clip" for n in model.graph.node) is not dropped
+    onnx.save(model, str(tmp_path / "ort.onnx"))
+    np.testing.assert_allclose(_ort_exact(tmp_path / "ort.onnx", x), expect, rtol=1e-5, atol=1e-2)
+    import openvino as ov
+    m = ov.Core().read_model(str(tmp_path / "m.onnx"))
+    assert float_attention_products(m) == 1
+    got = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-2)
+
+
 def test_openvino_form_is_the_same_arithmetic(graphs, calib_dir, tmp_path):
     """Both OpenVINO rewrites (uint8 activations, K^T moved next to its MatMul) leave the
     Q/DQ arithmetic as it was, on a graph where each applies."""
@@ -379,7 +423,7 @@ def test_attention_operands_fit_every_cpu_kernel(graphs, calib_dir, tmp_path, ov
     of the CPU kernels, is clipped before its QuantizeLinear: to +-127 steps, so no -128 x
     -128 product exists (ARM kernels without dot product overflow on it), and to +-63 under
     the overflow fix (x86 without VNNI saturates int16 pairs of u8 x s8 products). ONNX
-    Runtime's compiled form runs these products in float."""
+    Runtime's compiled form runs these products in float, without the clips."""
     from vit_deploy.backends.onnxruntime_backend import compile as ort_compile
     from vit_deploy.quantize import quantize
     g = graphs["hf-vit-op17"]
@@ -410,6 +454,7 @@ def test_attention_operands_fit_every_cpu_kernel(graphs, calib_dir, tmp_path, ov
     c_inits = {t.name for t in c.graph.initializer}
     c_producers = {o: n for n in c.graph.node for o in n.output}
     assert not act_products(c, c_producers, c_inits)
+    assert not any(n.op_type == "Clip" for n in c.graph.node)  # in float, nothing to clip for
     float_products = [n for n in c.graph.node if n.op_type in ("MatMul", "FusedMatMul")
                       and not any(i in c_inits or c_producers.get(i) is not None and
                                   c_producers[i].op_type == "DequantizeLinear" for i in n.input)]

@@ -147,14 +147,14 @@ def test_float_attention_products_compute_exactly_where_int8_sums_saturate(tmp_p
     x = np.full((2, 3, 8, 8), 127, np.float32)
     x[1] = np.random.default_rng(0).integers(-128, 128, (3, 8, 8))
     exact = x @ np.swapaxes(x, -1, -2)
-    with ovb.OvRunner(tmp_path / "m.onnx", 2, 8, "CPU", 1, static_shapes=False, float_attention=True) as r:
-        assert r.float_attention_products == 1
+    with ovb.OvRunner(tmp_path / "m.onnx", 2, 8, "CPU", 1, static_shapes=False, without_vnni=True) as r:
+        assert r.load_rewrites == {"float_attention_products": 1, "signed_activations": 0}
         np.testing.assert_allclose(r(x), exact, rtol=1e-6)
         int8_layers = [(op.get_rt_info()["layerType"].astype(str), op.get_friendly_name())
                        for op in r.compiled.get_runtime_model().get_ordered_ops()
                        if op.get_rt_info()["runtimePrecision"].astype(str) in ("i8", "u8")]
         assert not int8_layers, int8_layers  # however the CPU plugin fuses the product, not in INT8
-    with ovb.OvRunner(tmp_path / "m.onnx", 2, 8, "CPU", 1, static_shapes=True, float_attention=True) as r:
+    with ovb.OvRunner(tmp_path / "m.onnx", 2, 8, "CPU", 1, static_shapes=True, without_vnni=True) as r:
         np.testing.assert_allclose(r(x), exact, rtol=1e-6)  # the ARM path reads the same model
 
 
@@ -170,5 +170,5 @@ def test_which_cpus_run_openvino_attention_in_float(machine, flags, saturates, m
     monkeypatch.setattr(cpu, "x86_flags", lambda: flags)
     assert cpu.int8_sums_saturate(machine) is saturates
     monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
-    assert ovb.attention_in_float_here("CPU") is saturates
-    assert ovb.attention_in_float_here("GPU") is False
+    assert ovb.without_vnni_here("CPU") is saturates
+    assert ovb.without_vnni_here("GPU") is False

@@ -8,6 +8,8 @@ import numpy as np
 from . import Runner
 
 RUNTIME = "onnxruntime"
+# The int8 rewrite (ort_int8.for_onnxruntime), in compile's cache key: a new one rebuilds old artifacts
+FORMS = {"int8": "uint8-activations,float-attention-without-operand-clips"}
 
 
 def available() -> str | None:

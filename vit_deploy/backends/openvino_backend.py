@@ -112,13 +112,14 @@ class OvRunner(Runner):
     with a dynamic batch wrongly (cosine 0.90 on vit-ti16 under emulated Cortex-A72,
     Neoverse N1 and SVE CPUs alike) and the same model reshaped to a static batch exactly.
 
-    `float_attention` runs an INT8 model's attention products in float (open() asks for it
-    on x86 CPUs without VNNI: openvino_int8.float_attention_products says why)."""
+    `without_vnni` gives an INT8 model the form x86 CPUs without VNNI or AMX run best and
+    exactly: attention products in float, int8 activations (open() asks for it on such a
+    CPU; openvino_int8.for_cpus_without_vnni says why)."""
     name = "openvino"
 
     def __init__(self, path: Path, max_batch: int, img_size: int, device: str, threads: int | None,
                  precision_policy: str = PINNED_F32, static_shapes: bool | None = None,
-                 float_attention: bool = False):
+                 without_vnni: bool = False):
         import openvino as ov
         super().__init__(max_batch, img_size)
         self.config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -131,16 +132,16 @@ class OvRunner(Runner):
                 self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.static_shapes = is_arm() if static_shapes is None else static_shapes
         self.by_batch: dict[int, tuple] = {}
-        self.float_attention_products = 0
-        if self.static_shapes or float_attention:
+        self.load_rewrites: dict[str, int] = {}
+        if self.static_shapes or without_vnni:
             self.model = self.core.read_model(str(path))
-            if float_attention:
-                from .openvino_int8 import float_attention_products
-                self.float_attention_products = float_attention_products(self.model)
+            if without_vnni:
+                from .openvino_int8 import for_cpus_without_vnni
+                self.load_rewrites = for_cpus_without_vnni(self.model)
         if self.static_shapes:
             self.compiled, _ = self._compiled_for(1)
         else:
-            self.compiled = self.core.compile_model(self.model if float_attention else str(path), device, self.config)
+            self.compiled = self.core.compile_model(self.model if without_vnni else str(path), device, self.config)
             self.request = self.compiled.create_infer_request()
             self.model = None  # compiled: the graph's own copy of the weights can go (vit-h14)
 
@@ -169,13 +170,13 @@ def open(path: Path, artifact: dict, options: dict) -> Runner:
     # Bundles made before HALF existed recorded f32 for FP16 too: they keep it until rebuilt.
     r = OvRunner(path, options["max_batch"], options["img_size"], device, options.get("threads"),
                  artifact.get("inference_precision_hint", PINNED_F32),
-                 float_attention=artifact["precision"] == "int8" and attention_in_float_here(device))
+                 without_vnni=artifact["precision"] == "int8" and without_vnni_here(device))
     r.name = f"openvino-{artifact['precision']}"
     return r
 
 
-def attention_in_float_here(device: str = "CPU") -> bool:
-    """Whether an INT8 artifact's attention products run in float on this machine's CPU."""
+def without_vnni_here(device: str = "CPU") -> bool:
+    """Whether INT8 artifacts get the no-VNNI form on this machine (OvRunner's without_vnni)."""
     from ..cpu import int8_sums_saturate
     return device in ("CPU", "AUTO") and int8_sums_saturate()
 
@@ -199,6 +200,6 @@ def describe_precision(artifacts: list[dict]) -> str | None:
                          + (f", {built} where it was built" if built else ""))
         else:
             parts.append(f"{a['precision']} {policy} (pinned on every CPU)" + (
-                ", attention products in float on this CPU (x86 without VNNI)"
-                if a["precision"] == "int8" and attention_in_float_here() else ""))
+                ", on this CPU (x86 without VNNI) with its attention products in float and int8 activations"
+                if a["precision"] == "int8" and without_vnni_here() else ""))
     return "; ".join(parts) + (f"  [CPU capabilities: {', '.join(caps)}]" if caps is not None else "")

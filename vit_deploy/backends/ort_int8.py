@@ -149,16 +149,34 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     return done
 
 
+def is_operand_clip(node, inits, scale: np.ndarray) -> bool:
+    """The Clip that quantize._clip_operand puts before an attention operand's QuantizeLinear:
+    its name, and bounds of -k and +k whole steps of that quantizer. It exists for the INT8
+    kernels alone (no -128, or 7 bits); a product run in float has nothing to clip for."""
+    if node is None or node.op_type != "Clip" or not node.name.endswith("_ClipOperand") or len(node.input) != 3 \
+            or not all(i in inits for i in node.input[1:]) or scale.size != 1:
+        return False
+    lo, hi = (float(numpy_helper.to_array(inits[i]).reshape(())) for i in node.input[1:])
+    k = hi / float(scale.reshape(()))
+    return lo == -hi and abs(k - round(k)) < 1e-3 and 0 < round(k) <= 127
+
+
 def float_attention_products(model: onnx.ModelProto) -> int:
     """Each MatMul whose two operands are dequantized activations reads them before their
-    QuantizeLinear instead; the orphaned Q/DQ nodes go. Returns how many products."""
+    QuantizeLinear instead (before the operand's Clip too, is_operand_clip); the orphaned
+    Q/DQ and Clip nodes go. Returns how many products."""
     g = model.graph
     inits, producers, _ = graph_index(model)
 
     def float_source(tensor: str) -> str | None:
         dq = producers.get(tensor)
         q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits else None
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] in inits:
+            return None
+        clip = producers.get(q.input[0])
+        if q.input[1] in inits and is_operand_clip(clip, inits, numpy_helper.to_array(inits[q.input[1]])):
+            return clip.input[0]
+        return q.input[0]
 
     done = 0
     for n in g.node:

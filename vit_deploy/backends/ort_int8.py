@@ -19,6 +19,8 @@ The attention products (activation x activation MatMuls, quantized in the portab
 file for OpenVINO and TensorRT) run in float here: ONNX Runtime quantizes both
 operands on every run for a small product, which cost more than it saved (a
 ViT-S/16 at batch 1: 35.3 ms with them in INT8 against 31.8 ms without, same run).
+The Clip before their second operand goes too (is_operand_clip): it is there for the
+INT8 kernels alone.
 """
 from __future__ import annotations
 

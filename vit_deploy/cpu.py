@@ -23,6 +23,11 @@ def is_x86(machine: str | None = None) -> bool:
     return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+def is_arm(machine: str | None = None) -> bool:
+    m = (machine or platform.machine()).lower()
+    return m in ("aarch64", "arm64") or m.startswith("arm")
+
+
 def int8_sums_saturate(machine: str | None = None, flags: set[str] | None = None) -> bool:
     """True on x86 CPUs without VNNI or AMX: their INT8 matrix kernels (VPMADDUBSW) add each
     pair of u8 x s8 products into a saturating int16. Unknown flags on x86 count as True

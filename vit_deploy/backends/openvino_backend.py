@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cpu import is_arm
 from . import Runner
 
 RUNTIME = "openvino"
@@ -99,11 +100,6 @@ def _stable_names(model) -> None:
     for i, op in enumerate(model.get_ordered_ops()):
         if op.get_type_name() not in ("Parameter", "Result") and auto.match(op.get_friendly_name()):
             op.set_friendly_name(f"{op.get_type_name()}_vd{i}")
-
-
-def is_arm(machine: str | None = None) -> bool:
-    m = (machine or platform.machine()).lower()
-    return m in ("aarch64", "arm64") or m.startswith("arm")
 
 
 class OvRunner(Runner):

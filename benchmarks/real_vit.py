@@ -89,6 +89,7 @@ def main() -> None:
     calib = load_images(photos[:args.calib], pre)[0]
     held = load_images(photos[args.calib:], pre)[0]
     th = args.threads
+    here = without_vnni_here()  # x86 without VNNI: the runner's load-time rewrites apply
     # "ORT FP32" is vit-deploy's ONNX Runtime artifact of the FP32 file: its position-grid
     # Resize folded as in the INT8 files (size_folding.py), so the ratios are INT8's alone
     runners = {"ORT FP32": peers.ort_runner(peers.ort_compiled(src, work / "fp32.ort.onnx", "fp32"), th),
@@ -99,8 +100,8 @@ def main() -> None:
         quantize(src, work / "calib", q, calib_size=args.calib, preset="imagenet", **kw)
         runners[f"vit-deploy {name}, ORT"] = peers.ort_runner(peers.ort_compiled(q, q.with_suffix(".ort.onnx"), "int8"), th)
         runners[f"vit-deploy {name}, OpenVINO"] = peers.vd_ov_runner(peers.ov_compiled(q, q.with_suffix(".xml"), 8), th,
-                                                                     without_vnni_here())
-        if not kw and without_vnni_here():  # what this CPU would run without the no-VNNI rewrites, beside it
+                                                                     here)
+        if not kw and here:  # what this CPU would run without the no-VNNI rewrites, beside it
             runners[f"vit-deploy {name}, OpenVINO, the VNNI form"] = peers.vd_ov_runner(q.with_suffix(".xml"), th, False)
     if not args.no_peers:
         nncf = peers.nncf_models(src, calib, work)

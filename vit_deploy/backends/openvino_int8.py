@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from .. import onnx_io, weight_pairs
-from .ort_int8 import to_uint8_activations
+from .ort_int8 import to_uint8_activations, whole_steps
 
 PRODUCTS = ("MatMul", "Gemm", "Conv")
 # Elementwise with scalar operands: they commute with any permutation of their input.
@@ -172,7 +172,10 @@ def _fake_quantized_source(output):
 
 
 def _constant_of(output):
+    """The value of a Constant, through any Converts after it; None if `output` is not one."""
     node = output.get_node()
+    while node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
     return node.get_data() if node.get_type_name() == "Constant" else None
 
 
@@ -194,8 +197,8 @@ def _unclipped(fq):
         high, top = low.input_value(1 - i).get_node(), _constant_of(low.input_value(i))
         if top is None or top.size != 1 or high.get_type_name() != "Maximum" or step <= 0:
             continue
-        k = float(top.reshape(())) / step
-        if abs(k - round(k)) > 1e-3 or not 0 < round(k) <= 127:
+        k = whole_steps(float(top.reshape(())), step)
+        if k is None or k <= 0:
             continue
         for j in range(2):
             bottom = _constant_of(high.input_value(j))
@@ -227,10 +230,8 @@ def float_attention_products(model) -> int:
 
 
 def _constant_equals(output, value: float) -> bool:
-    node = output.get_node()
-    while node.get_type_name() == "Convert":
-        node = node.input_value(0).get_node()
-    return node.get_type_name() == "Constant" and bool(np.all(node.get_data() == value))
+    c = _constant_of(output)
+    return c is not None and bool(np.all(c == value))
 
 
 def signed_activations(model) -> int:

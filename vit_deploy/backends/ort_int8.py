@@ -31,6 +31,13 @@ from onnx import numpy_helper
 from ..onnx_io import drop_dead_nodes, drop_unused_initializers, graph_index
 
 
+def whole_steps(value: float, scale: float) -> int | None:
+    """k when `value` is k whole quantization steps of `scale` (to 1e-3 of a step, |k| <= 127),
+    else None: how a constant that vit-deploy's quantize wrote in steps is told apart."""
+    k = value / scale
+    return int(round(k)) if abs(k - round(k)) < 1e-3 and abs(round(k)) <= 127 else None
+
+
 def _whole_step_centre(sub, inits, consumers, scale: np.ndarray) -> int | None:
     """k when `sub` is x - c with c a scalar constant of k whole quantization steps (the
     centred scheme, quantize._centres) read by one QuantizeLinear alone; else None."""
@@ -39,8 +46,7 @@ def _whole_step_centre(sub, inits, consumers, scale: np.ndarray) -> int | None:
     c = numpy_helper.to_array(inits[sub.input[1]])
     if c.size != 1 or scale.size != 1:
         return None
-    k = float(c.reshape(())) / float(scale.reshape(()))
-    return int(round(k)) if abs(k - round(k)) < 1e-3 and abs(round(k)) <= 127 else None
+    return whole_steps(float(c.reshape(())), float(scale.reshape(())))
 
 
 def to_uint8_activations(model: onnx.ModelProto, where=None) -> int:
@@ -158,9 +164,12 @@ def is_operand_clip(node, inits, scale: np.ndarray) -> bool:
     if node is None or node.op_type != "Clip" or not node.name.endswith("_ClipOperand") or len(node.input) != 3 \
             or not all(i in inits for i in node.input[1:]) or scale.size != 1:
         return False
-    lo, hi = (float(numpy_helper.to_array(inits[i]).reshape(())) for i in node.input[1:])
-    k = hi / float(scale.reshape(()))
-    return lo == -hi and abs(k - round(k)) < 1e-3 and 0 < round(k) <= 127
+    bounds = [numpy_helper.to_array(inits[i]) for i in node.input[1:]]
+    if any(b.size != 1 for b in bounds):
+        return False
+    lo, hi = (float(b.reshape(())) for b in bounds)
+    k = whole_steps(hi, float(scale.reshape(())))
+    return lo == -hi and k is not None and k > 0
 
 
 def float_attention_products(model: onnx.ModelProto) -> int:

@@ -255,10 +255,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    from foreign_graphs import GRAPHS
+    from foreign_graphs import DYNAMO_GRAPHS, GRAPHS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graphs", default=",".join(GRAPHS) + ",fashion-mnist",
-                    help="comma-separated: " + ", ".join(GRAPHS) + ", fashion-mnist, vit-b16")
+                    help="comma-separated: " + ", ".join(GRAPHS + DYNAMO_GRAPHS) + ", fashion-mnist, vit-b16")
     ap.add_argument("--fmnist-images", type=int, default=2000, help="Fashion-MNIST test images judged")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--iters", type=int, default=30)

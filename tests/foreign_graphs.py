@@ -12,14 +12,24 @@ from pathlib import Path
 
 GRAPHS = ("vit-deploy", "timm-vit", "timm-deit-distilled", "timm-dinov2-reg", "hf-vit-op14", "hf-vit-op17",
           "hf-dinov2-op14", "hf-dinov2-op17")
+# torch.onnx.export's dynamo exporter (its default since torch 2.9, needs onnxscript): opset 18+,
+# LayerNormalization and Gelu as single nodes, q/k/v split by Slice, every weight in a .data file
+DYNAMO_GRAPHS = ("timm-vit-dynamo", "hf-dinov2-dynamo")
 IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 
 
-def _export(model, path: Path, size: int, opset: int, input_name: str = "pixel_values") -> None:
+def _export(model, path: Path, size: int, opset: int, input_name: str = "pixel_values", dynamo: bool = False) -> None:
     import torch
     x = torch.randn(2, 3, size, size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if dynamo:  # torch.onnx.export's default since torch 2.9: what a user calling it plainly gets
+            import contextlib
+            import io
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                torch.onnx.export(model, (x,), str(path), input_names=[input_name], output_names=["output"],
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+            return
         torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=[input_name],
                           output_names=["output"], dynamic_axes={input_name: {0: "batch"}, "output": {0: "batch"}})
 
@@ -48,6 +58,8 @@ def make_graph(kind: str, out_dir: Path, small: bool = True, seed: int = 0) -> P
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{kind}.onnx"
     depth = 2 if small else 12
+    dynamo = kind.endswith("-dynamo")
+    kind = kind.removesuffix("-dynamo")
     if kind == "vit-deploy":
         from vit_deploy.models import build_model
         from vit_deploy.onnx_export import export_onnx
@@ -73,12 +85,12 @@ def make_graph(kind: str, out_dir: Path, small: bool = True, seed: int = 0) -> P
             for blk in model.blocks:  # trained layer scales are far from timm's init of 1e-5
                 for ls in (blk.ls1, blk.ls2):
                     ls.gamma.data.uniform_(0.2, 1.0)
-        _export(model, path, size, 17, "input")
+        _export(model, path, size, 17, "input", dynamo)
         (out_dir / "preprocessor_config.json").write_text(json.dumps({**IMAGENET, "size": {"shortest_edge": size},
                                                                        "crop_size": {"height": size, "width": size},
                                                                        "do_center_crop": True, "resample": 3}))
         return path
-    opset = 14 if kind.endswith("op14") else 17
+    opset = 14 if kind.endswith("op14") else 17  # the dynamo exporter takes its own
     from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassification
     hidden, heads = (192, 3) if small else (384, 6)
     if kind.startswith("hf-vit"):
@@ -91,7 +103,7 @@ def make_graph(kind: str, out_dir: Path, small: bool = True, seed: int = 0) -> P
         cfg = Dinov2Config(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads,
                            mlp_ratio=4, image_size=size, patch_size=14, layerscale_value=0.5)
         model = _FirstOutput(Dinov2Model(cfg).eval(), "pooler_output")
-    _export(model, path, size, opset)
+    _export(model, path, size, opset, dynamo=dynamo)
     (out_dir / "preprocessor_config.json").write_text(json.dumps({**IMAGENET, "size": {"shortest_edge": size},
                                                                    "crop_size": {"height": size, "width": size},
                                                                    "do_center_crop": True, "resample": 3}))

@@ -16,7 +16,10 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import assert_one_line_error, run_cli
-from foreign_graphs import GRAPHS, make_graph
+from foreign_graphs import DYNAMO_GRAPHS, GRAPHS, make_graph
+
+# the eight graphs of issue 11, and one from torch's dynamo exporter (its default since torch 2.9)
+KINDS = GRAPHS + DYNAMO_GRAPHS[:1]
 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
@@ -69,7 +72,7 @@ def graphs(tmp_path_factory, calib_dir):
     from vit_deploy.quantize import quantize
     root = tmp_path_factory.mktemp("graphs")
     out = {}
-    for kind in GRAPHS:
+    for kind in KINDS:
         src = make_graph(kind, root / kind, small=True)
         mlp = src.with_name(f"{kind}.mlp-outliers.onnx")  # a different function: the reference for `fp32`
         onnx.save(inject_mlp_outliers(onnx.load(str(src))), str(mlp))
@@ -85,7 +88,7 @@ def graphs(tmp_path_factory, calib_dir):
     return out
 
 
-@pytest.mark.parametrize("kind", GRAPHS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_outlier_standin_keeps_fp32_outputs_and_spreads_channels(graphs, kind, calib_dir):
     from vit_deploy.layernorm_scaling import find_groups
     g = graphs[kind]
@@ -97,7 +100,7 @@ def test_outlier_standin_keeps_fp32_outputs_and_spreads_channels(graphs, kind, c
     assert len(changed) == 6, changed  # 2 blocks x (fc1 weight, fc1 bias, fc2 weight)
 
 
-@pytest.mark.parametrize("kind", GRAPHS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_qdq_file_is_tensorrt_valid(graphs, kind):
     """Signed int8, zero point 0 everywhere; weights per output channel within +-127."""
     m = onnx.load(str(graphs[kind]["int8"]))
@@ -113,7 +116,7 @@ def test_qdq_file_is_tensorrt_valid(graphs, kind):
                 next(a.i for a in n.attribute if a.name == "axis")], n.name
 
 
-@pytest.mark.parametrize("kind", GRAPHS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_quantized_product_runs_as_an_int8_kernel(graphs, kind, tmp_path):
     """ONNX Runtime: no float MatMul/Gemm fed by a weight DequantizeLinear in the optimized
     model (the separate q/k/v projections of HF exports were); OpenVINO: the quantized
@@ -217,7 +220,7 @@ def _calib():
     return default_calibration_dir()
 
 
-@pytest.mark.parametrize("kind", GRAPHS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_int8_fidelity_with_outliers_on_both_runtimes(graphs, kind, calib_dir, tmp_path):
     from vit_deploy.backends.onnxruntime_backend import compile as ort_compile
     g = graphs[kind]

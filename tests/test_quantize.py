@@ -10,6 +10,7 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import assert_one_line_error, run_cli
+from vit_deploy import onnx_io
 from vit_deploy.errors import CheckFailed, UserError
 from vit_deploy.images import list_images
 from vit_deploy.metrics import correlation
@@ -55,6 +56,25 @@ def test_recipe_symmetric_per_channel_and_what_stays_float(tiny, calib_dir, tmp_
         if n.op_type in ("LayerNormalization", "Softmax", "Erf", "Add"):
             assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in n.input), n.name
     assert r.excluded == ["/head/MatMul"] or any("head" in e for e in r.excluded)
+
+
+def test_small_model_with_weights_in_a_data_file_is_quantized_as_a_small_one(tiny, calib_dir, tmp_path):
+    """torch.onnx.export's dynamo exporter (its default since torch 2.9) writes every model's
+    weights to a .data file: a 20 MB model so written still gets GPTQ and the recipe choice,
+    and the same INT8 file as when its weights are inline."""
+    ext = tmp_path / "ext" / "model.onnx"
+    ext.parent.mkdir()
+    onnx.save_model(onnx.load(str(tiny)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    assert onnx_io.has_external(onnx.load(str(ext), load_external_data=False))
+    inline = quantize(tiny, calib_dir, tmp_path / "inline.int8.onnx", calib_size=8)
+    spread = quantize(ext, calib_dir, tmp_path / "ext.int8.onnx", calib_size=8)
+    assert spread.gptq_weights == inline.gptq_weights > 0
+    assert spread.recipe_scores == inline.recipe_scores != {}  # auto weighed the recipes on both
+    assert not (tmp_path / "ext.int8.onnx.data").exists()  # small: one file
+    a, b = onnx.load(str(tmp_path / "inline.int8.onnx")), onnx.load(str(tmp_path / "ext.int8.onnx"))
+    for ta, tb in zip(a.graph.initializer, b.graph.initializer, strict=True):
+        assert np.array_equal(numpy_helper.to_array(ta), numpy_helper.to_array(tb)), ta.name
 
 
 def test_plain_recipe_is_centred_and_tensorrt_valid(tiny, calib_dir, tmp_path):

@@ -72,6 +72,28 @@ def load_lazy(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def load_working(path: str | os.PathLike) -> onnx.ModelProto:
+    """`load_lazy`, with the weights brought into memory unless they are too large to be
+    held (torch's dynamo exporter puts even a 20 MB model's weights in a data file: such a
+    model is small, and gets everything a small one gets)."""
+    model = load_lazy(path)
+    if has_external(model) and not is_large(model):
+        inline(model)
+    return model
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Weights too large for one protobuf message: kept in their file and streamed."""
+    return initializer_bytes(model) > EXTERNAL_THRESHOLD
+
+
+def inline(model: onnx.ModelProto) -> None:
+    """Every initializer held lazily back into the message, in place."""
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.CopyFrom(numpy_helper.from_array(array(t), t.name))
+
+
 def array(t: onnx.TensorProto) -> np.ndarray:
     """An initializer's value, read from its file when it is external (load_lazy, tensor)."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -148,7 +170,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None 
     With `external`, the weights are moved out of `model` into the data file."""
     path = Path(path)
     if external is None:
-        external = initializer_bytes(model) > EXTERNAL_THRESHOLD
+        external = is_large(model)
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
@@ -156,9 +178,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None 
         _write_data_file(model, data)
         onnx.save_model(model, str(path))
         return [path.name, data.name]
-    for t in model.graph.initializer:  # weights held lazily come back into the message, to be saved inline
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            t.CopyFrom(numpy_helper.from_array(array(t), t.name))
+    inline(model)  # weights held lazily come back into the message, to be saved inline
     onnx.save_model(model, str(path))
     return [path.name]
 

@@ -798,7 +798,7 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
         raise UserError(f"--smooth must be 'auto' or a number between 0 and 1 (exclusive), got {smooth}")
     overflow_fix = resolve_overflow_fix(overflow_fix)  # the manifest records what was done, never "auto"
     try:
-        model = onnx_io.load_lazy(model_path)  # weights stay in their file: see onnx_io
+        model = onnx_io.load_working(model_path)  # a large model's weights stay in their file: see onnx_io
     except Exception as e:
         raise UserError(f"{model_path}: not a readable ONNX model ({type(e).__name__})") from None
     # A model with external weights (vit-h14) keeps them on disk throughout: each tensor

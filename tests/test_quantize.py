@@ -325,6 +325,27 @@ def test_foreign_onnx_without_metadata(tmp_path, calib_dir):
     assert json.loads(meta["vit_deploy.preprocessing"])["mean"] == [0.485, 0.456, 0.406]
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_foreign_onnx_with_a_fixed_batch(tmp_path, calib_dir, batch):
+    """Files from other tools often take exactly one image (exported without a dynamic batch):
+    calibration, the recipe choice and GPTQ run them N images at a time, the last run filled
+    up (5 images at batch 2), and the INT8 file keeps the fixed batch and answers like FP32."""
+    timm = pytest.importorskip("timm")
+    import torch
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=64, depth=2).eval()
+    torch.onnx.export(m, (torch.randn(batch, 3, 64, 64),), str(tmp_path / "fixed.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"])
+    r = quantize(tmp_path / "fixed.onnx", calib_dir, tmp_path / "fixed.int8.onnx", calib_size=5, preset="imagenet")
+    assert r.gptq_weights > 0 and r.recipe_scores
+    q = onnx.load(str(tmp_path / "fixed.int8.onnx"))
+    assert q.graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
+    x = np.stack([np.random.default_rng(i).normal(size=(3, 64, 64)).astype(np.float32) for i in range(batch)])
+    a = ort_session(tmp_path / "fixed.onnx").run(None, {"x": x})[0]
+    b = ort_session(tmp_path / "fixed.int8.onnx").run(None, {"x": x})[0]
+    assert correlation(a, b).min() > 0.99
+
+
 def test_bad_calibration_input(tiny, tmp_path):
     code, _, err = run_cli("quantize", tiny, "--calib-dir", tmp_path / "missing")
     assert_one_line_error(code, err, "not found", "missing")

@@ -77,6 +77,32 @@ def session(model: onnx.ModelProto, threads: int | None = None):
         return ort.InferenceSession(str(Path(tmp) / "model.onnx"), so, providers=["CPUExecutionProvider"])
 
 
+def fixed_batch(sess) -> int | None:
+    """The batch size the graph was exported with, where it fixed one (files from other tools
+    often take exactly 1 image); None for a dynamic batch."""
+    dim = sess.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def run_batch(sess, images: np.ndarray, names: list[str] | None = None) -> list[np.ndarray]:
+    """sess.run on `images`; for a graph with a fixed batch of N, in runs of exactly N (the last
+    one filled up with copies of its last image), outputs cut back to the images given."""
+    inp = sess.get_inputs()[0].name
+    fixed = fixed_batch(sess)
+    if fixed is None or fixed == len(images):
+        return sess.run(names, {inp: images})
+    parts = []
+    for i in range(0, len(images), fixed):
+        chunk = images[i:i + fixed]
+        n = len(chunk)
+        if n < fixed:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+        parts.append([o[:n] if o.ndim and o.shape[0] == fixed else o for o in sess.run(names, {inp: chunk})])
+    if len(parts) == 1:
+        return parts[0]
+    return [np.concatenate(p) if p[0].ndim else p[0] for p in zip(*parts)]
+
+
 def batches(x: np.ndarray, size: int = 8):
     for i in range(0, len(x), size):
         yield x[i:i + size]
@@ -102,17 +128,16 @@ def _outputs_over(model: onnx.ModelProto, tensors: list[str], images: np.ndarray
 def _run_budgeted(sess, tensors: list[str], images: np.ndarray, label: str):
     names = [o.name for o in sess.get_outputs()]
     want = [names.index(t) for t in tensors]
-    inp = sess.get_inputs()[0].name
-    i, size = 0, 1
+    i, size = 0, fixed_batch(sess) or 1
     with progress_bar(len(images), label) as bar:
         while i < len(images):
             batch = images[i:i + size]
-            outs = sess.run(None, {inp: batch})
+            outs = run_batch(sess, batch)
             yield {t: outs[j] for t, j in zip(tensors, want)}
             per_image = sum(outs[j].nbytes for j in want) / len(batch)
             i += len(batch)
             bar(len(batch))
-            size = int(max(1, min(8, OUTPUT_BUDGET // max(per_image, 1))))
+            size = fixed_batch(sess) or int(max(1, min(8, OUTPUT_BUDGET // max(per_image, 1))))
 
 
 def _channels_last(x: np.ndarray) -> np.ndarray:

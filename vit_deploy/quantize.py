@@ -690,11 +690,10 @@ def _run(model: onnx.ModelProto, images: np.ndarray, outputs: list[str] | None =
         m.CopyFrom(model)
         cs.add_outputs(m, outputs)
     sess = cs.session(m)
-    inp = sess.get_inputs()[0].name
     names = [o.name for o in sess.get_outputs()]
     collected = [[] for _ in names]
-    for batch in cs.batches(images):
-        for j, o in enumerate(sess.run(None, {inp: batch})):
+    for batch in cs.batches(images, cs.fixed_batch(sess) or 8):
+        for j, o in enumerate(cs.run_batch(sess, batch)):
             collected[j].append(o)
     return [np.concatenate(c) for c in collected]
 

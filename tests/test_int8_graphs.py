@@ -116,6 +116,72 @@ def test_qdq_file_is_tensorrt_valid(graphs, kind):
                 next(a.i for a in n.attribute if a.name == "axis")], n.name
 
 
+def _float_fed(m: onnx.ModelProto) -> list[str]:
+    """Float matrix products of ONNX Runtime's optimized model that read a dequantized weight."""
+    inits = {t.name for t in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    return [n.name for n in m.graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
+            and any(i in producers and producers[i].op_type == "DequantizeLinear"
+                    and producers[i].input[0] in inits for i in n.input)]
+
+
+def _ort_optimized(path, tmp_path) -> onnx.ModelProto:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "opt.onnx"))
+
+
+def test_a_linear_on_the_class_token_alone_runs_as_an_int8_kernel(tmp_path, calib_dir, monkeypatch):
+    """Hugging Face's headless ViTModel ends in a pooler, Linear + Tanh on the class token: a
+    2-D product, which ONNX Runtime fuses with its bias into a float Gemm before its INT8
+    fusion looks (ort_int8.rank2_products_as_kernels writes the kernel itself)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from foreign_graphs import IMAGENET
+    from vit_deploy.backends import ort_int8
+    from vit_deploy.backends.onnxruntime_backend import compile as ort_compile
+    from vit_deploy.quantize import quantize
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=96, num_hidden_layers=1, num_attention_heads=3, intermediate_size=192,
+                    image_size=32, patch_size=16)
+
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = ViTModel(cfg).eval()
+
+        def forward(self, x):
+            out = self.vit(pixel_values=x)
+            return out.last_hidden_state, out.pooler_output
+    src = tmp_path / "vit.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Both().eval(), (torch.randn(2, 3, 32, 32),), str(src), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], output_names=["tokens", "pooled"],
+                          dynamic_axes={"pixel_values": {0: "n"}})
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**IMAGENET, "size": {"height": 32, "width": 32}}))
+    r = quantize(src, calib_dir, tmp_path / "vit.int8.onnx", calib_size=4, recipe="smoothquant")
+    assert any("pooler" in q for q in r.quantized), r.quantized
+    ort_compile(tmp_path / "vit.int8.onnx", tmp_path / "ort.onnx", "int8", {})
+    m = _ort_optimized(tmp_path / "ort.onnx", tmp_path)
+    assert not _float_fed(m), _float_fed(m)
+    weight_products = sum(1 for n in onnx.load(str(tmp_path / "vit.int8.onnx")).graph.node
+                          if n.op_type in ("MatMul", "Gemm") and n.name in r.quantized) - r.attention_products
+    assert collections.Counter(n.op_type for n in m.graph.node)["MatMulIntegerToFloat"] == weight_products
+    # the same arithmetic as ONNX Runtime's own float Gemm on the dequantized weight
+    x = _held_out(src, calib_dir)[:2]
+    monkeypatch.setattr(ort_int8, "rank2_products_as_kernels", lambda model: 0)
+    ort_compile(tmp_path / "vit.int8.onnx", tmp_path / "ort-gemm.onnx", "int8", {})
+    import onnxruntime as ort
+    a, b = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})
+            for f in ("ort.onnx", "ort-gemm.onnx"))
+    for u, v in zip(a, b):
+        assert np.abs(u - v).max() <= 1e-5 * max(1.0, np.abs(v).max())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_quantized_product_runs_as_an_int8_kernel(graphs, kind, tmp_path):
     """ONNX Runtime: no float MatMul/Gemm fed by a weight DequantizeLinear in the optimized
@@ -124,18 +190,8 @@ def test_every_quantized_product_runs_as_an_int8_kernel(graphs, kind, tmp_path):
     from vit_deploy.backends.onnxruntime_backend import compile as ort_compile
     g = graphs[kind]
     ort_compile(g["int8"], tmp_path / "m.ort.onnx", "int8", {})
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    ort.InferenceSession(str(tmp_path / "m.ort.onnx"), so, providers=["CPUExecutionProvider"])
-    m = onnx.load(str(tmp_path / "opt.onnx"))
-    inits = {t.name for t in m.graph.initializer}
-    producers = {o: n for n in m.graph.node for o in n.output}
-    float_fed = [n.name for n in m.graph.node if n.op_type in ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
-                 and any(i in producers and producers[i].op_type == "DequantizeLinear"
-                         and producers[i].input[0] in inits for i in n.input)]
-    assert not float_fed, float_fed
+    m = _ort_optimized(tmp_path / "m.ort.onnx", tmp_path)
+    assert not _float_fed(m), _float_fed(m)
     kernels = collections.Counter(n.op_type for n in m.graph.node)["MatMulIntegerToFloat"]
     quantized_matmuls = sum(1 for n in onnx.load(str(g["int8"])).graph.node if n.op_type == "MatMul"
                             and n.name in g["result"].quantized)

@@ -9,7 +9,7 @@ from . import Runner
 
 RUNTIME = "onnxruntime"
 # The int8 rewrite (ort_int8.for_onnxruntime), in compile's cache key: a new one rebuilds old artifacts
-FORMS = {"int8": "uint8-activations,float-attention-without-operand-clips"}
+FORMS = {"int8": "uint8-activations,float-attention-without-operand-clips,rank2-kernels"}
 
 
 def available() -> str | None:

@@ -15,6 +15,10 @@ stay int8. A product that ONNX Runtime has no INT8 kernel for without a quantize
 output (the patch-embedding Conv) gets its weight dequantized once here, so no run
 pays for it: the same numbers, stored in float.
 
+A Linear on a 2-D input (the class token alone: Hugging Face ViTModel's pooler) is
+written as the kernel (MatMulIntegerToFloat) here: ONNX Runtime would fuse its MatMul
+and bias Add into a float Gemm first, and dequantize its weight on every run.
+
 The attention products (activation x activation MatMuls, quantized in the portable
 file for OpenVINO and TensorRT) run in float here: ONNX Runtime quantizes both
 operands on every run for a small product, which cost more than it saved (a
@@ -157,6 +161,81 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     return done
 
 
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """{tensor: rank} by ONNX shape inference on the graph alone (initializers given as typed
+    inputs, so no weight is copied: vit-h14's would pass protobuf's limit)."""
+    g = model.graph
+    light = onnx.helper.make_model(
+        onnx.helper.make_graph(list(g.node), "ranks", list(g.input) + [
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer],
+            list(g.output)), opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light).graph
+    except Exception:  # a graph inference cannot follow: leave its products to ONNX Runtime
+        return {}
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in list(inferred.value_info) + list(inferred.input)
+            if v.type.tensor_type.HasField("shape")}
+
+
+def rank2_products_as_kernels(model: onnx.ModelProto) -> int:
+    """DQ(uint8 x) -> MatMul <- DQ(int8 W) [-> Add(bias)] with a 2-D x -> one MatMulIntegerToFloat
+    (ONNX Runtime's INT8 kernel, com.microsoft), in place; after to_uint8_activations and
+    gemm_to_matmul. ONNX Runtime fuses MatMul + Add on 2-D inputs into a float Gemm (its
+    MatMulAddFusion) before its INT8 fusion looks, so a Linear on the class token alone
+    (Hugging Face ViTModel's pooler, CaiT's class attention) dequantized its weight on every
+    run; written as the kernel, it stays one. Returns how many."""
+    g = model.graph
+    inits, producers, consumers = graph_index(model)
+    ranks = None
+    replaced: dict[int, onnx.NodeProto] = {}  # id(MatMul) -> kernel (node names may be empty)
+    gone: set[int] = set()  # ids of the bias Adds taken into a kernel
+    for n in g.node:
+        if n.op_type != "MatMul":
+            continue
+        dq_a, dq_w = producers.get(n.input[0]), producers.get(n.input[1])
+        if not (dq_a is not None and dq_w is not None and dq_a.op_type == dq_w.op_type == "DequantizeLinear"
+                and dq_w.input[0] in inits and inits[dq_w.input[0]].data_type == onnx.TensorProto.INT8
+                and dq_a.input[0] not in inits and len(dq_a.input) == 3 and dq_a.input[2] in inits
+                and inits[dq_a.input[2]].data_type == onnx.TensorProto.UINT8
+                and all(numpy_helper.to_array(inits[i]).size == 1 for i in dq_a.input[1:])):
+            continue
+        w_scale = numpy_helper.to_array(inits[dq_w.input[1]]) if dq_w.input[1] in inits else None
+        columns = inits[dq_w.input[0]].dims[-1]
+        axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
+        if w_scale is None or len(inits[dq_w.input[0]].dims) != 2 or (w_scale.size != 1 and (
+                w_scale.size != columns or axis not in (1, -1))):
+            continue
+        if ranks is None:
+            ranks = _ranks(model)
+        if ranks.get(n.input[0]) != 2:
+            continue
+        out, bias = n.output[0], ""
+        after = consumers.get(out, [])
+        if len(after) == 1 and after[0].op_type == "Add" and out not in {o.name for o in g.output}:
+            add = after[0]
+            other = add.input[1] if add.input[0] == out else add.input[0]
+            b = inits.get(other)
+            if b is not None and b.data_type == onnx.TensorProto.FLOAT and list(b.dims) == [columns]:
+                out, bias = add.output[0], other
+                gone.add(id(add))
+        inputs = [dq_a.input[0], dq_w.input[0], dq_a.input[1], dq_w.input[1], dq_a.input[2],
+                  dq_w.input[2] if len(dq_w.input) > 2 else "", bias]
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        replaced[id(n)] = onnx.helper.make_node("MatMulIntegerToFloat", inputs, [out], name=(n.name or out) + "_int8",
+                                                domain="com.microsoft")
+    if not replaced:
+        return 0
+    nodes = [replaced.get(id(n), n) for n in g.node if id(n) not in gone]
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.add(domain="com.microsoft", version=1)
+    drop_dead_nodes(model)
+    drop_unused_initializers(model)
+    return len(replaced)
+
+
 def is_operand_clip(node, inits, scale: np.ndarray) -> bool:
     """The Clip that quantize._clip_operand puts before an attention operand's QuantizeLinear:
     its name, and bounds of -k and +k whole steps of that quantizer. It exists for the INT8
@@ -205,4 +284,4 @@ def for_onnxruntime(model: onnx.ModelProto) -> dict:
     """The rewrites, in place; returns what was done (for the manifest)."""
     return {"float_attention_products": float_attention_products(model),
             "uint8_activations": to_uint8_activations(model), "folded_conv_weights": fold_conv_weights(model),
-            "gemm_to_matmul": gemm_to_matmul(model)}
+            "gemm_to_matmul": gemm_to_matmul(model), "rank2_kernels": rank2_products_as_kernels(model)}

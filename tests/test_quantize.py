@@ -346,6 +346,24 @@ def test_foreign_onnx_with_a_fixed_batch(tmp_path, calib_dir, batch):
     assert correlation(a, b).min() > 0.99
 
 
+@pytest.mark.parametrize("case, said", [("fp16", "weights are float16"), ("uint8-nhwc", "input 'x' is uint8 [batchx64x64x3]")])
+def test_a_file_not_made_of_float32_images_and_weights_is_refused(tmp_path, case, said, tiny):
+    """An FP16 export, or one that takes uint8 pixels channels-last: one line, exit 2."""
+    from vit_deploy.fp16 import convert_to_fp16
+    m = onnx.load(str(tiny))
+    if case == "fp16":
+        m = convert_to_fp16(m)
+    else:
+        t = m.graph.input[0].type.tensor_type
+        t.elem_type = onnx.TensorProto.UINT8
+        m.graph.input[0].name = "x"
+        for d, v in zip(t.shape.dim[1:], (64, 64, 3)):
+            d.dim_value = v
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    code, _, err = run_cli("quantize", tmp_path / "m.onnx", "--preset", "imagenet", "--calib-size", "2")
+    assert_one_line_error(code, err, "m.onnx", said)
+
+
 def test_bad_calibration_input(tiny, tmp_path):
     code, _, err = run_cli("quantize", tiny, "--calib-dir", tmp_path / "missing")
     assert_one_line_error(code, err, "not found", "missing")
@@ -429,6 +447,7 @@ def test_weights_on_disk_give_the_same_int8_model(tiny, calib_dir, tmp_path, mon
 
     import vit_deploy.onnx_io as io
     monkeypatch.setattr(io, "SPILL_BYTES", 1024)  # spill every new weight of the tiny model
+    monkeypatch.setattr(io, "EXTERNAL_THRESHOLD", 1 << 20)  # and take it for one over protobuf's limit
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     ext = tmp_path / "ext" / "model.onnx"

@@ -732,14 +732,24 @@ def format_report(rows: list[dict]) -> str:
 
 # ------------------------------------------------------------- the stage
 
+def _check_image_input(model: onnx.ModelProto, name: str) -> None:
+    """Calibration and the checks feed float32 images as [batch, 3, H, W]: one line for a file
+    made otherwise (uint8 pixels, channels last, not an image model)."""
+    inp = model.graph.input[0] if model.graph.input else None
+    elem = inp.type.tensor_type.elem_type if inp is not None else 0
+    dims = [d.dim_value or d.dim_param or "?" for d in inp.type.tensor_type.shape.dim] if inp is not None else []
+    if elem != onnx.TensorProto.FLOAT or len(dims) != 4 or isinstance(dims[1], int) and dims[1] != 3:
+        kind = onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else "missing"
+        raise UserError(f"{name}: input '{inp.name if inp is not None else ''}' is {kind} [{'x'.join(map(str, dims))}]"
+                        ", not a 4-D image tensor of float32 [batch, 3, H, W]")
+
+
 def preprocessing_of(model: onnx.ModelProto, model_path=None, img_size=None, mean=None, std=None,
                      preset=None) -> tuple[Preprocessing, str]:
     """The model's preprocessing and where it came from (see vit_deploy/preprocessing.py)."""
     from .preprocessing import resolve
+    _check_image_input(model, Path(model_path or "model.onnx").name)
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    if len(dims) != 4 or dims[1].dim_value not in (0, 3):
-        raise UserError(f"the model's input is not a 4-D image tensor [batch, 3, H, W] "
-                        f"(got {len(dims)} dimensions)")
     meta = onnx_io.get_metadata(model).get("preprocessing")
     return resolve(Path(model_path or "model.onnx"), meta, dims[2].dim_value or None, img_size, mean, std, preset)
 
@@ -810,11 +820,21 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
                                 bias_correction=bias_correction, recipe=recipe, weight_rounding=weight_rounding)
 
 
+def _check_float32_weights(model, model_path: Path) -> None:
+    """An FP16 export would fail deep in calibration: say so in one line."""
+    half = {t.data_type for t in model.graph.initializer if onnx_io.tensor_bytes(t) >= 1024} & \
+        {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    if half:
+        raise UserError(f"{model_path.name}: its weights are {onnx.TensorProto.DataType.Name(min(half)).lower()}; "
+                        "quantize takes an FP32 ONNX model (export it in float32)")
+
+
 def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude, calib_size, max_drop, img_size,
                      mean, std, preset, attention, report, recalibrate, scheme, overflow_fix, smooth,
                      bias_correction, recipe, weight_rounding) -> QuantResult:
     from .weights import sha256_file
 
+    _check_float32_weights(model, model_path)
     pre, pre_source = preprocessing_of(model, model_path, img_size, mean, std, preset)
     folded = fold_size_constants(model, pre.img_size)  # the INT8 file is for one image size anyway
     if folded:

@@ -344,6 +344,14 @@ def test_foreign_onnx_with_a_fixed_batch(tmp_path, calib_dir, batch):
     a = ort_session(tmp_path / "fixed.onnx").run(None, {"x": x})[0]
     b = ort_session(tmp_path / "fixed.int8.onnx").run(None, {"x": x})[0]
     assert correlation(a, b).min() > 0.99
+    from vit_deploy.compile import compile_file
+    written = compile_file(tmp_path / "fixed.int8.onnx", target="onnxruntime,openvino")
+    assert [p.name for p in written] == ["fixed.int8.ort.onnx", "fixed.int8.xml", "fixed.int8.bin"]
+    assert correlation(a, ort_session(written[0]).run(None, {"x": x})[0]).min() > 0.99
+    import openvino as ov
+    compiled = ov.Core().compile_model(str(written[1]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert compiled.inputs[0].get_partial_shape()[0].get_length() == batch  # kept, not made 1..32
+    assert correlation(a, compiled(x)[0]).min() > 0.99
 
 
 @pytest.mark.parametrize("case, said", [("fp16", "weights are float16"), ("uint8-nhwc", "input 'x' is uint8 [batchx64x64x3]")])
@@ -362,6 +370,30 @@ def test_a_file_not_made_of_float32_images_and_weights_is_refused(tmp_path, case
     onnx.save(m, str(tmp_path / "m.onnx"))
     code, _, err = run_cli("quantize", tmp_path / "m.onnx", "--preset", "imagenet", "--calib-size", "2")
     assert_one_line_error(code, err, "m.onnx", said)
+
+
+def test_quantize_with_target_builds_the_runtime_artifacts_beside(tiny, calib_dir, tmp_path):
+    """A foreign file's user has no bundle: `quantize --target` (and `compile FILE.onnx`) write
+    each runtime's fastest form beside the INT8 file, and those answer as the file does."""
+    pytest.importorskip("openvino")
+    out = tmp_path / "m.int8.onnx"
+    code, stdout, err = run_cli("quantize", tiny, "--calib-dir", calib_dir, "--calib-size", "4", "--out", out,
+                                "--target", "onnxruntime,openvino", env={"VIT_DEPLOY_CACHE": str(tmp_path / "c")})
+    assert code == 0, err
+    ort_file, xml = tmp_path / "m.int8.ort.onnx", tmp_path / "m.int8.xml"
+    assert f"wrote {ort_file}" in stdout and f"wrote {xml}" in stdout and (tmp_path / "m.int8.bin").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert Counter(n.op_type for n in onnx.load(str(ort_file)).graph.node)["MatMulIntegerToFloat"] >= 4 * 11  # plain: block 0 float
+    import openvino as ov
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    ref = ort_session(out).run(None, {"images": x})[0]
+    assert correlation(ref, ort_session(ort_file).run(None, {"images": x})[0]).min() > 0.99
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert correlation(ref, compiled(x)[0]).min() > 0.99
+    code, _, err = run_cli("compile", tmp_path / "absent.onnx")
+    assert_one_line_error(code, err, "not found", "absent.onnx")
+    code, _, err = run_cli("compile", out, "--target", "onnx")
+    assert_one_line_error(code, err, "names no runtime")
 
 
 def test_bad_calibration_input(tiny, tmp_path):

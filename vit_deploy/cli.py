@@ -181,15 +181,22 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
 @click.option("--preset", type=click.Choice(["imagenet", "inception", "clip"]), default=None,
               help="Named mean/std for ONNX files without vit-deploy metadata or preprocessor_config.json.")
 @click.option("--out", default=None, help="Default: MODEL.int8.onnx beside the input.")
+@click.option("--target", default=None,
+              help="Also build runtime artifacts beside OUT (as `vit-deploy compile OUT` does): onnxruntime, "
+                   "openvino, tensorrt, comma-separated, or all.")
 @click.option("--report", is_flag=True, help="Print the per-layer table.")
 @_handle_errors
 def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bias_correction, exclude, attention, scheme,
-             max_drop, recipe, overflow_fix, weight_rounding, img_size, mean, std, preset, out, report):
+             max_drop, recipe, overflow_fix, weight_rounding, img_size, mean, std, preset, out, target, report):
     """Any ViT ONNX model -> INT8 Q/DQ ONNX from calibration images."""
     _setup_logging(False)
     from .images import default_calibration_dir
     from .quantize import format_report, quantize as run_quantize
     triple = lambda v, name: _triple(v, name)  # noqa: E731
+    if target:  # a wrong runtime name stops the run before the calibration, not after
+        from .backends import require_runtimes
+        from .targets import plan_targets, wants_all
+        require_runtimes(plan_targets(target, None)[0], skip_missing=wants_all(target))
     result = run_quantize(model_path, calib_dir or default_calibration_dir(), out, method=method, exclude=exclude,
                           calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=triple(mean, "--mean"),
                           std=triple(std, "--std"), preset=preset, attention=attention, report=report, scheme=scheme,
@@ -207,6 +214,13 @@ def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bi
                "by GPTQ")
     click.echo(f"wrote {result.path}: {len(result.quantized)} matrix products in INT8, {len(result.excluded)} in float"
                + (f", top-1 agreement {result.agreement:.4f}" if result.agreement is not None else ""))
+    if target:
+        from .compile import compile_file
+        for path in compile_file(result.path, target=target):
+            click.echo(f"wrote {path}")
+    else:
+        click.echo(f"runtime artifacts (ONNX Runtime's INT8 kernels, OpenVINO's INT8 form): "
+                   f"vit-deploy compile {result.path} --target onnxruntime,openvino")
 
 
 def _key_values(pairs, name) -> dict:
@@ -251,8 +265,17 @@ def _triple(value, name):
 @click.option("--force", is_flag=True)
 @_handle_errors
 def compile_cmd(bundle, target, precision, device, opt_batch, workspace_mb, dla_core, force):
-    """Build runtime artifacts for a bundle that already holds its ONNX files."""
+    """Build runtime artifacts for a bundle that already holds its ONNX files, or beside one
+    ONNX file (another tool's export, or quantize's INT8 output: NAME.ort.onnx, NAME.xml, NAME.engine)."""
     _setup_logging(False)
+    if bundle.endswith(".onnx"):
+        from .compile import compile_file
+        if precision is not None:
+            raise UserError("--precision is the file's own for an ONNX file (INT8 when it is quantized)")
+        for path in compile_file(bundle, target=target, device=device, opt_batch=opt_batch,
+                                 workspace_mb=workspace_mb, dla_core=dla_core):
+            click.echo(f"wrote {path}")
+        return
     from .compile import compile_bundle
     from .info import format_summary
     manifest = compile_bundle(bundle, target=target, precision=precision, device=device, force=force,

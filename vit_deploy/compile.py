@@ -107,3 +107,56 @@ def compile_bundle(bundle_dir, target: str = "all", precision=None, device: str 
             tx.manifest["skipped_targets"] = skipped
         tx.commit()
         return tx.manifest
+
+
+# An ONNX file outside a bundle: each runtime's artifact goes beside it, NAME + suffix.
+FILE_SUFFIXES = {"onnxruntime": ".ort.onnx", "openvino": ".xml", "tensorrt": ".engine"}
+
+
+def compile_file(onnx_path, target: str = "onnxruntime,openvino", device: str = "CPU", max_batch: int = 32,
+                 opt_batch: int = 1, workspace_mb: int = 2048, dla_core: int | None = None) -> list[Path]:
+    """`vit-deploy compile FILE.onnx`: a file from another tool, or `quantize`'s INT8 output ->
+    the artifact each runtime runs fastest, beside it (model.int8.onnx -> model.int8.ort.onnx,
+    model.int8.xml/.bin, model.int8.engine), built as for a bundle: ONNX Runtime's INT8 kernels
+    for every quantized product, OpenVINO's INT8 form. The precision is the file's (INT8 when it
+    holds QuantizeLinear nodes). Each artifact is written under a temporary name and renamed
+    into place. Returns the paths written, artifact first."""
+    import os
+    import shutil
+    import tempfile
+
+    from . import onnx_io
+    from .targets import plan_targets, wants_all
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise UserError(f"model not found: {path}")
+    try:
+        model = onnx_io.load(path, with_weights=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    precision = "int8" if any(n.op_type == "QuantizeLinear" for n in model.graph.node) else "fp32"
+    if not model.graph.input or len(model.graph.input[0].type.tensor_type.shape.dim) != 4:
+        raise UserError(f"{path.name}: the input is not an image batch [batch, 3, H, W]")
+    side = model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    runtimes, _ = plan_targets(target, None)
+    runtimes, skipped = require_runtimes(runtimes, skip_missing=wants_all(target))
+    if not runtimes:
+        raise UserError(f"--target {target}: names no runtime to build for (onnxruntime, openvino, tensorrt)")
+    for s in skipped:
+        log.warning("[compile] %s skipped: %s", s["runtime"], s["reason"])
+    stem = path.name[:-len(".onnx")] if path.name.endswith(".onnx") else path.name
+    written = []
+    for runtime in runtimes:
+        out = path.with_name(stem + FILE_SUFFIXES[runtime])
+        options = {"max_batch": max_batch, "device": device, "img_size": side or None, "opt_batch": opt_batch,
+                   "workspace_mb": workspace_mb, "dla_core": dla_core, "threads": None}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            files, extras = backend(runtime).compile(path, tmp / out.name, precision, options)
+            for name in [*reversed(files), *extras.get("extra_files", [])]:  # data first, the model last
+                if (tmp / name).exists():
+                    os.replace(tmp / name, path.with_name(name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        written += [path.with_name(f) for f in files]
+    return written

@@ -77,8 +77,9 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
     # Bound the dynamic batch: 1 .. max_batch, as exported.
     name = model.inputs[0].get_any_name()
     shape = model.inputs[0].get_partial_shape()
-    shape[0] = ov.Dimension(1, int(options["max_batch"]))
-    model.reshape({name: shape})
+    if shape[0].is_dynamic:  # a graph exported with a fixed batch keeps it
+        shape[0] = ov.Dimension(1, int(options["max_batch"]))
+        model.reshape({name: shape})
     _stable_names(model)
     # fp16: weights stored as FP16 (half the size). The Q/DQ model keeps its INT8 weights.
     ov.save_model(model, str(out), compress_to_fp16=precision == "fp16")

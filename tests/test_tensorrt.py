@@ -96,6 +96,26 @@ def test_compile_records_the_engine_in_the_manifest(tmp_path, monkeypatch):
     assert b.verify(art).read_bytes() == b"STANDIN-ENGINE"
 
 
+def test_compile_file_builds_an_engine_for_the_file_s_own_input(tmp_path, monkeypatch):
+    """`vit-deploy compile FILE.onnx --target tensorrt` on a file from another tool: the
+    profile names that file's input (not vit-deploy's "images"), the engine goes beside it."""
+    import onnx
+
+    from vit_deploy.compile import compile_file
+    src = _tiny_onnx(tmp_path)
+    m = onnx.load(str(src))
+    old = m.graph.input[0].name
+    for n in m.graph.node:
+        n.input[:] = ["pixel_values" if i == old else i for i in n.input]
+    m.graph.input[0].name = "pixel_values"
+    onnx.save(m, str(tmp_path / "foreign.onnx"))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt_standin.make("10.3.0"))
+    written = compile_file(tmp_path / "foreign.onnx", target="tensorrt")
+    assert [p.name for p in written] == ["foreign.engine"] and written[0].read_bytes() == b"STANDIN-ENGINE"
+    assert (tmp_path / "trt.timing-cache").is_file()
+    assert sys.modules["tensorrt"].last_build["config"].profiles[0].shapes["pixel_values"][0] == (1, 3, 32, 32)
+
+
 @pytest.mark.skipif(_has_real_tensorrt(), reason="this machine has TensorRT")
 def test_missing_tensorrt_is_one_line_exit_2(tmp_path):
     code, _, err = run_cli("export", "--model", "vit-b16", "--target", "tensorrt", "--out", tmp_path)

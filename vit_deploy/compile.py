@@ -144,12 +144,16 @@ def compile_file(onnx_path, target: str = "onnxruntime,openvino", device: str = 
         raise UserError(f"--target {target}: names no runtime to build for (onnxruntime, openvino, tensorrt)")
     for s in skipped:
         log.warning("[compile] %s skipped: %s", s["runtime"], s["reason"])
+    if "tensorrt" in runtimes and not side:  # its optimization profile needs the image size
+        raise UserError(f"{path.name}: the image size is dynamic; TensorRT needs a fixed one "
+                        "(quantize fixes it, or export at one size)")
     stem = path.name[:-len(".onnx")] if path.name.endswith(".onnx") else path.name
     written = []
     for runtime in runtimes:
         out = path.with_name(stem + FILE_SUFFIXES[runtime])
         options = {"max_batch": max_batch, "device": device, "img_size": side or None, "opt_batch": opt_batch,
-                   "workspace_mb": workspace_mb, "dla_core": dla_core, "threads": None}
+                   "workspace_mb": workspace_mb, "dla_core": dla_core, "threads": None,
+                   "input_name": model.graph.input[0].name}
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=path.parent))
         try:
             files, extras = backend(runtime).compile(path, tmp / out.name, precision, options)

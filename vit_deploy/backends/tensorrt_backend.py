@@ -41,7 +41,7 @@ def major_version(version: str) -> int:
 
 def plan_build(version: str, precision: str, *, img_size: int, max_batch: int, opt_batch: int = 1,
                workspace_mb: int = 2048, dla_core: int | None = None, timing_cache: str = "trt.timing-cache",
-               onnx_file: str = "model.onnx", engine_file: str = "model.engine") -> dict:
+               onnx_file: str = "model.onnx", engine_file: str = "model.engine", input_name: str = "images") -> dict:
     """Everything the builder will be told, as data: the test surface of this module."""
     major = major_version(version)
     if major < 10:
@@ -55,7 +55,7 @@ def plan_build(version: str, precision: str, *, img_size: int, max_batch: int, o
         "trt_version": version,
         "precision": precision,
         "strongly_typed": True,  # types come from the ONNX (FP16 / Q/DQ files); the flag is implicit in 11.x
-        "profile": {"input": "images", "min": shape(1), "opt": shape(opt_batch), "max": shape(max_batch)},
+        "profile": {"input": input_name, "min": shape(1), "opt": shape(opt_batch), "max": shape(max_batch)},
         "workspace_bytes": int(workspace_mb) << 20,
         "dla_core": dla_core,
         "timing_cache": timing_cache,
@@ -131,7 +131,8 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
     import tensorrt as trt
     plan = plan_build(trt.__version__, precision, img_size=options["img_size"], max_batch=options["max_batch"],
                       opt_batch=options.get("opt_batch") or 1, workspace_mb=options.get("workspace_mb") or 2048,
-                      dla_core=options.get("dla_core"), onnx_file=onnx_path.name, engine_file=out.name)
+                      dla_core=options.get("dla_core"), onnx_file=onnx_path.name, engine_file=out.name,
+                      input_name=options.get("input_name") or "images")  # a foreign file names its own
     cache_rel = plan["timing_cache"]
     cache_path = out.parent / cache_rel
     existing = options.get("bundle_dir")

@@ -12,6 +12,7 @@ asks 0.998 and 0.995), min cosine, and p50 latency at batch 1, round-robin.
 
     python benchmarks/real_vit.py                      # vit-deploy, its variants, NNCF, ORT dynamic
     python benchmarks/real_vit.py --no-peers --iters 0 # fidelity of vit-deploy's variants only
+    python benchmarks/real_vit.py --dynamo             # the same weights from torch.onnx.export's default exporter
 
 Needs `pip install nncf` for the peers. Writes benchmarks/out/real_vit.md.
 """
@@ -43,7 +44,9 @@ SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"
 # vit-deploy variants: name -> quantize() keywords
 VARIANTS = {"default (recipe auto)": {}, "weights rounded to nearest": {"weight_rounding": "nearest"},
-            "recipe smoothquant": {"recipe": "smoothquant"}}
+            "recipe smoothquant": {"recipe": "smoothquant"},
+            # what a model with a .data file beside it got before onnx_io.load_working (2026-11-29)
+            "recipe smoothquant, weights rounded to nearest": {"recipe": "smoothquant", "weight_rounding": "nearest"}}
 
 
 def backbone(cache: Path) -> Path:
@@ -63,6 +66,62 @@ def backbone(cache: Path) -> Path:
     return out
 
 
+# transformers 5 names of the attention Linears, from the names torch gave the exported MatMuls
+HF_LINEARS = (("attention.attention.query", "attention.q_proj"), ("attention.attention.key", "attention.k_proj"),
+              ("attention.attention.value", "attention.v_proj"), ("attention.output.dense", "attention.o_proj"))
+
+
+def dynamo_reexport(src: Path, cache: Path) -> Path:
+    """The same trained weights as a user exporting today gets them: transformers' Dinov2Model
+    rebuilt from the file's initializers and exported by torch.onnx.export's default (dynamo)
+    exporter (opset 20, LayerNormalization nodes, the weights in a .data file). Checked against
+    the original file before use."""
+    out = cache / "dynamo" / "dinov2_dynamo.onnx"
+    if out.is_file():
+        return out
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import numpy_helper
+    from transformers import Dinov2Config, Dinov2Model
+    m = onnx.load(str(src))
+    w = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    sd = {k[len("backbone."):]: torch.from_numpy(v.copy()) for k, v in w.items() if k.startswith("backbone.")}
+    for n in m.graph.node:  # Linear weights are unnamed [in, out] initializers read by MatMul nodes
+        if n.op_type == "MatMul" and n.input[1] in w and n.name.startswith("/backbone/"):
+            sd[n.name[len("/backbone/"):-len("/MatMul")].replace("/", ".") + ".weight"] = torch.from_numpy(
+                w[n.input[1]].T.copy())
+    for old, new in HF_LINEARS:
+        for k in [k for k in sd if old in k]:
+            sd[k.replace(old, new)] = sd.pop(k)
+    grid = [v for v in w.values() if v.shape == (1, 1369, 384)]  # 37x37 patch positions, and the class token's
+    cls_pos = [v for k, v in w.items() if v.shape == (1, 1, 384) and not k.startswith("backbone.")]
+    sd["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([cls_pos[0], grid[0]], 1))
+    model = Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+                                     image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6)).eval()
+    sd["embeddings.mask_token"] = model.embeddings.mask_token.data.clone()
+    model.load_state_dict(sd, strict=True)
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m(pixel_values=x).last_hidden_state
+    x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(Tokens().eval(), (torch.from_numpy(x),), str(out), input_names=["pixel_values"],
+                          output_names=["last_hidden_state"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"input_image": x})[0]
+    b = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+    if np.abs(a - b).max() > 1e-3 * np.abs(a).max():
+        raise SystemExit(f"{out}: the re-export does not answer as {src.name} does")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vit-deploy" / "real-vit")
@@ -70,6 +129,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--dynamo", action="store_true",
+                    help="the same weights re-exported by torch.onnx.export's default (dynamo) exporter")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "real_vit.md")
     args = ap.parse_args()
     logging.getLogger("vit_deploy").setLevel(logging.ERROR)
@@ -79,6 +140,8 @@ def main() -> None:
     from vit_deploy.zoo import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
     src = backbone(args.cache)
+    if args.dynamo:
+        src = dynamo_reexport(src, args.cache)
     work = args.cache / "work"
     shutil.rmtree(work, ignore_errors=True)
     (work / "calib").mkdir(parents=True)
@@ -118,7 +181,8 @@ def main() -> None:
     times = peers.time_round_robin(runners, held[:1], args.iters)
     base = float(np.median(times["ORT FP32"])) if args.iters else None
     lines = [f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {peers.cpu_name()}, {args.threads} threads; DINOv2 ViT-S/14 "
-             f"backbone of {WHEEL}, output [batch, 257, 384]; calibrated on {len(calib)} shipped photos, judged on "
+             f"backbone of {WHEEL}" + (", re-exported by torch's dynamo exporter" if args.dynamo else "") +
+             f", output [batch, 257, 384]; calibrated on {len(calib)} shipped photos, judged on "
              f"{len(held)} others; `python benchmarks/real_vit.py`", "",
              "| artifact | correlation mean / worst | min cosine | p50 ms | x ORT FP32 |", "|---|---|---|---|---|"]
     for k in runners:

@@ -18,7 +18,8 @@ DYNAMO_GRAPHS = ("timm-vit-dynamo", "hf-dinov2-dynamo")
 IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 
 
-def _export(model, path: Path, size: int, opset: int, input_name: str = "pixel_values", dynamo: bool = False) -> None:
+def torch_export(model, path: Path, size: int, opset: int, input_name: str = "pixel_values",
+                 dynamo: bool = False) -> None:
     import torch
     x = torch.randn(2, 3, size, size)
     with torch.no_grad(), warnings.catch_warnings():
@@ -34,7 +35,7 @@ def _export(model, path: Path, size: int, opset: int, input_name: str = "pixel_v
                           output_names=["output"], dynamic_axes={input_name: {0: "batch"}, "output": {0: "batch"}})
 
 
-class _FirstOutput:
+class FirstOutput:
     """HF models return a ModelOutput; export its pooled embedding or logits."""
 
     def __new__(cls, model, attr):
@@ -85,7 +86,7 @@ def make_graph(kind: str, out_dir: Path, small: bool = True, seed: int = 0) -> P
             for blk in model.blocks:  # trained layer scales are far from timm's init of 1e-5
                 for ls in (blk.ls1, blk.ls2):
                     ls.gamma.data.uniform_(0.2, 1.0)
-        _export(model, path, size, 17, "input", dynamo)
+        torch_export(model, path, size, 17, "input", dynamo)
         (out_dir / "preprocessor_config.json").write_text(json.dumps({**IMAGENET, "size": {"shortest_edge": size},
                                                                        "crop_size": {"height": size, "width": size},
                                                                        "do_center_crop": True, "resample": 3}))
@@ -97,13 +98,13 @@ def make_graph(kind: str, out_dir: Path, small: bool = True, seed: int = 0) -> P
         size = 64 if small else 224
         cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads,
                         intermediate_size=4 * hidden, image_size=size, patch_size=16, num_labels=100)
-        model = _FirstOutput(ViTForImageClassification(cfg).eval(), "logits")
+        model = FirstOutput(ViTForImageClassification(cfg).eval(), "logits")
     else:
         size = 56 if small else 224
         cfg = Dinov2Config(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads,
                            mlp_ratio=4, image_size=size, patch_size=14, layerscale_value=0.5)
-        model = _FirstOutput(Dinov2Model(cfg).eval(), "pooler_output")
-    _export(model, path, size, opset, dynamo=dynamo)
+        model = FirstOutput(Dinov2Model(cfg).eval(), "pooler_output")
+    torch_export(model, path, size, opset, dynamo=dynamo)
     (out_dir / "preprocessor_config.json").write_text(json.dumps({**IMAGENET, "size": {"shortest_edge": size},
                                                                    "crop_size": {"height": size, "width": size},
                                                                    "do_center_crop": True, "resample": 3}))

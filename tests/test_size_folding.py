@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from foreign_graphs import FirstOutput  # noqa: E402
+
 
 def _ort(path_or_model, x):
     import onnxruntime as ort
@@ -29,21 +31,13 @@ def dinov2(tmp_path_factory):
     out = tmp_path_factory.mktemp("dinov2")
     cfg = Dinov2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=98,
                        patch_size=14, layerscale_value=0.5)
-    model = Dinov2Model(cfg).eval()
-
-    class Tokens(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, x):
-            return self.m(pixel_values=x).last_hidden_state
+    tokens = FirstOutput(Dinov2Model(cfg).eval(), "last_hidden_state")
     paths = {}
     for kind, axes in (("batch", {0: "batch"}), ("size", {0: "batch", 2: "h", 3: "w"})):
         paths[kind] = out / f"dinov2-{kind}.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(Tokens().eval(), (torch.randn(2, 3, 56, 56),), str(paths[kind]), dynamo=False,
+            torch.onnx.export(tokens, (torch.randn(2, 3, 56, 56),), str(paths[kind]), dynamo=False,
                               opset_version=17, input_names=["pixel_values"], output_names=["tokens"],
                               dynamic_axes={"pixel_values": axes, "tokens": {0: "batch"}})
     (out / "preprocessor_config.json").write_text(json.dumps(

@@ -63,7 +63,7 @@ def session(model: onnx.ModelProto, threads: int | None = None):
     # No second, pre-packed copy of every weight: calibration runs a few batches, and
     # for vit-h14 that copy is 2.5 GB of peak memory.
     so.add_session_config_entry("session.disable_prepacking", "1")
-    if not onnx_io.has_external(model) and onnx_io.initializer_bytes(model) < onnx_io.EXTERNAL_THRESHOLD:
+    if not onnx_io.has_external(model) and not onnx_io.is_large(model):
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="vit-deploy-") as tmp:
         # Saved from a copy: saving moves the weights out of the message it saves. A model
@@ -128,7 +128,8 @@ def _outputs_over(model: onnx.ModelProto, tensors: list[str], images: np.ndarray
 def _run_budgeted(sess, tensors: list[str], images: np.ndarray, label: str):
     names = [o.name for o in sess.get_outputs()]
     want = [names.index(t) for t in tensors]
-    i, size = 0, fixed_batch(sess) or 1
+    fixed = fixed_batch(sess)
+    i, size = 0, fixed or 1
     with progress_bar(len(images), label) as bar:
         while i < len(images):
             batch = images[i:i + size]
@@ -137,7 +138,7 @@ def _run_budgeted(sess, tensors: list[str], images: np.ndarray, label: str):
             per_image = sum(outs[j].nbytes for j in want) / len(batch)
             i += len(batch)
             bar(len(batch))
-            size = fixed_batch(sess) or int(max(1, min(8, OUTPUT_BUDGET // max(per_image, 1))))
+            size = fixed or int(max(1, min(8, OUTPUT_BUDGET // max(per_image, 1))))
 
 
 def _channels_last(x: np.ndarray) -> np.ndarray:

@@ -152,8 +152,7 @@ def compile_file(onnx_path, target: str = "onnxruntime,openvino", device: str = 
     for runtime in runtimes:
         out = path.with_name(stem + FILE_SUFFIXES[runtime])
         options = {"max_batch": max_batch, "device": device, "img_size": side or None, "opt_batch": opt_batch,
-                   "workspace_mb": workspace_mb, "dla_core": dla_core, "threads": None,
-                   "input_name": model.graph.input[0].name}
+                   "workspace_mb": workspace_mb, "dla_core": dla_core, "threads": None}
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=path.parent))
         try:
             files, extras = backend(runtime).compile(path, tmp / out.name, precision, options)

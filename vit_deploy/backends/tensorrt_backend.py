@@ -129,10 +129,12 @@ def gpu_name() -> str | None:
 
 def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[list[str], dict]:
     import tensorrt as trt
+
+    from .. import onnx_io
     plan = plan_build(trt.__version__, precision, img_size=options["img_size"], max_batch=options["max_batch"],
                       opt_batch=options.get("opt_batch") or 1, workspace_mb=options.get("workspace_mb") or 2048,
                       dla_core=options.get("dla_core"), onnx_file=onnx_path.name, engine_file=out.name,
-                      input_name=options.get("input_name") or "images")  # a foreign file names its own
+                      input_name=onnx_io.load(onnx_path, with_weights=False).graph.input[0].name)
     cache_rel = plan["timing_cache"]
     cache_path = out.parent / cache_rel
     existing = options.get("bundle_dir")

@@ -156,6 +156,55 @@ def test_auto_recipe_keeps_a_good_enough_smoothquant_without_building_plain(tiny
     assert r.recipe == "smoothquant" and set(r.recipe_scores) == {"smoothquant"}
 
 
+def test_fidelity_guard_returns_the_blocks_that_gain_most_to_float(tiny, calib_dir, tmp_path):
+    """A model whose chosen recipe misses the worst-image line (fc2 inputs 300-1000x on a few
+    channels: smoothquant 0.993 on the choice's images): the guard returns whole blocks to
+    float until the written file's worst image reaches it, and says so in the file."""
+    from vit_deploy.images import load_images, split_for_calibration
+    from vit_deploy.layernorm_scaling import inject_mlp_outliers
+    from vit_deploy.onnx_io import get_metadata
+    from vit_deploy.quantize import GUARD_IMAGES, preprocessing_of
+    src = tmp_path / "outliers.onnx"
+    onnx.save(inject_mlp_outliers(onnx.load(str(tiny)), low=300, high=1000), str(src))
+    off = quantize(src, calib_dir, tmp_path / "off.onnx", calib_size=8, min_correlation=0)
+    on = quantize(src, calib_dir, tmp_path / "on.onnx", calib_size=8)
+    assert not off.guarded and not off.fidelity
+    assert on.guarded and on.fidelity["worst"] >= 0.995
+    assert set(on.guarded) <= set(off.quantized) and not set(on.guarded) & set(on.quantized)
+    meta = get_metadata(onnx.load(str(tmp_path / "on.onnx")))["quantization"]
+    assert meta["fidelity_guard"]["returned_to_float"] == on.guarded and meta["selection_correlation"] == on.fidelity
+    # the products said to be in float read no dequantized tensor in the file
+    m = onnx.load(str(tmp_path / "on.onnx"))
+    dq_out = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert all(not set(n.input) & dq_out for n in m.graph.node if n.name in on.guarded)
+    # measured again, outside quantize: the guard's images, both files
+    pre, _ = preprocessing_of(onnx.load(str(src)), src)
+    _, held = split_for_calibration(list_images(calib_dir), 8)
+    x = load_images(held[:GUARD_IMAGES], pre)[0]
+    ref = ort_session(src).run(None, {"images": x})[0]
+    worst = {k: correlation(ref, ort_session(tmp_path / f"{k}.onnx").run(None, {"images": x})[0]).min()
+             for k in ("off", "on")}
+    assert worst["off"] < 0.995 <= worst["on"]
+
+
+def test_fidelity_is_judged_on_every_output():
+    """A second output (masks beside class scores) counts; a one-number output per image has
+    no correlation and is left out instead of scoring 0."""
+    from vit_deploy.quantize import output_correlation
+    rng = np.random.default_rng(0)
+    scores, masks, one = rng.normal(size=(4, 10)), rng.normal(size=(4, 3, 8, 8)), rng.normal(size=(4, 1))
+    noisy = masks + 0.3 * rng.normal(size=masks.shape)
+    both = output_correlation([scores, masks, one], [scores, noisy, one + 0.5])
+    alone = output_correlation([masks], [noisy])
+    assert both["worst"] == alone["worst"] < 0.99 and both["mean"] > alone["mean"]
+    assert output_correlation([one], [one])["worst"] == 1.0
+
+
+def test_min_correlation_out_of_range_is_one_line(tiny, tmp_path):
+    code, out, err = run_cli("quantize", tiny, "--min-correlation", "1.5", "--out", tmp_path / "q.onnx")
+    assert_one_line_error(code, err, "--min-correlation")
+
+
 def _correlated_linear(gain: np.ndarray | None = None, d_in: int = 256, d_out: int = 96):
     """(calibration rows, held-out rows, [in, out] weight) of a Linear whose input channels
     correlate as a ViT's do, each channel times `gain` (outlier channels)."""

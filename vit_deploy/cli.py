@@ -171,6 +171,10 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
               help="smoothquant: the options above (clipping, migration, attention). plain: full ranges, centred "
                    "activations, Linears only, the image-reading layer in float. auto: builds both, keeps the one "
                    "whose outputs correlate best with FP32 on held-out calibration images.")
+@click.option("--min-correlation", type=float, default=0.995, show_default=True,
+              help="auto recipe: where the chosen file's worst held-out image correlates with FP32 below this, "
+                   "return the transformer blocks whose float gains most to float until it does (at most half of "
+                   "them). 0: off.")
 @_overflow_fix_option
 @click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
               help="gptq: each Linear's rounding error carried onto its other input rows, weighted by the "
@@ -187,7 +191,8 @@ def export(model_name, model_args, target, precision, weights, num_classes, img_
 @click.option("--report", is_flag=True, help="Print the per-layer table.")
 @_handle_errors
 def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bias_correction, exclude, attention, scheme,
-             max_drop, recipe, overflow_fix, weight_rounding, img_size, mean, std, preset, out, target, report):
+             max_drop, recipe, min_correlation, overflow_fix, weight_rounding, img_size, mean, std, preset, out, target,
+             report):
     """Any ViT ONNX model -> INT8 Q/DQ ONNX from calibration images."""
     _setup_logging(False)
     from .images import default_calibration_dir
@@ -201,7 +206,8 @@ def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bi
                           calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=triple(mean, "--mean"),
                           std=triple(std, "--std"), preset=preset, attention=attention, report=report, scheme=scheme,
                           overflow_fix=overflow_fix, smooth=None if no_smooth else _smooth(smooth),
-                          bias_correction=not no_bias_correction, recipe=recipe, weight_rounding=weight_rounding)
+                          bias_correction=not no_bias_correction, recipe=recipe, weight_rounding=weight_rounding,
+                          min_correlation=min_correlation)
     if report:
         click.echo(format_report(result.report))
     click.echo(f"preprocessing from {result.preprocessing_source}: {result.preprocessing['img_size']} px, "
@@ -209,6 +215,9 @@ def quantize(model_path, calib_dir, calib_size, method, smooth, no_smooth, no_bi
     if result.recipe_scores:
         click.echo(f"recipe {result.recipe}: output correlation with FP32, worst / mean: " + ", ".join(
             f"{k} {v['worst']:.5f} / {v['mean']:.5f}" for k, v in result.recipe_scores.items()))
+    if result.guarded:
+        click.echo(f"fidelity guard: {len(result.guarded)} matrix product(s) returned to float; written file's worst / "
+                   f"mean correlation {result.fidelity['worst']:.5f} / {result.fidelity['mean']:.5f}")
     click.echo(f"outliers migrated at {result.smoothed_layernorms} LayerNorm(s) and {result.smoothed_products} other "
                f"Linear input(s), {result.bias_corrected} bias(es) corrected, {result.gptq_weights} weight(s) rounded "
                "by GPTQ")

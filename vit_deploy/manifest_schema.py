@@ -176,7 +176,11 @@ QUANTIZATION = record(
               "recipe": string(("smoothquant", "plain")),
               "recipe_scores": mapping(record(required={"worst": number(-1, 1, finite=True),
                                                         "mean": number(-1, 1, finite=True)}),
-                                       key_node=string(("smoothquant", "plain")), max_len=2)})
+                                       key_node=string(("smoothquant", "plain")), max_len=2),
+              # the written file on the recipe choice's images, where measured; the guard's products in float
+              "selection_correlation": record(required={}, optional={"worst": number(-1, 1, finite=True),
+                                                                       "mean": number(-1, 1, finite=True)}),
+              "returned_to_float": list_of(_text)})
 
 ARTIFACT = record(
     required={"backend": string(ARTIFACT_BACKENDS), "precision": string(PRECISIONS), "path": rel_path,

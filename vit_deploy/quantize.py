@@ -70,8 +70,13 @@ SELECT_IMAGES = 8  # "auto" compares the recipes' outputs on this many held-out 
 # "auto" keeps smoothquant (attention in INT8: the faster file) where its worst image correlates
 # with FP32 at least this well, and only below it builds the plain recipe and keeps the better
 GOOD_ENOUGH = 0.997
+# the fidelity guard: below this worst-image correlation with FP32 (issue 11's line for a real
+# trained ViT), "auto" returns the blocks that gain most to float, at most GUARD_SHARE of them
+MIN_CORRELATION = 0.995
+GUARD_SHARE = 0.5
+GUARD_IMAGES = 16  # the guard judges on up to this many held-out (else calibration) images
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-RECIPE = "auto-smoothquant-or-plain-centred-gptq-v8"  # in the stage's cache key: a new recipe rebuilds old bundles
+RECIPE = "auto-smoothquant-or-plain-centred-gptq-guard-v9"  # in the stage's cache key: a new recipe rebuilds old bundles
 SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
 MUL_GAIN = 0.5  # an explicit smoothing Mul must at least halve the Linear's output error to be worth its op
 
@@ -116,6 +121,8 @@ class QuantResult:
     recipe: str = "smoothquant"
     recipe_scores: dict = field(default_factory=dict)
     gptq_weights: int = 0  # weights rounded by GPTQ (the rest: nearest)
+    fidelity: dict = field(default_factory=dict)  # the written model on the selection images, where measured
+    guarded: list[str] = field(default_factory=list)  # products the fidelity guard returned to float
 
 
 def _initializers(model) -> dict:
@@ -788,8 +795,10 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
              max_drop: float | None = None, img_size=None, mean=None, std=None, preset: str | None = None,
              attention: bool = True, report: bool = False, recalibrate: bool = False, scheme: str = "symmetric",
              overflow_fix: str = "auto", smooth="auto",
-             bias_correction: bool = True, recipe: str = "auto", weight_rounding: str = "gptq") -> QuantResult:
-    """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring)."""
+             bias_correction: bool = True, recipe: str = "auto", weight_rounding: str = "gptq",
+             min_correlation: float | None = MIN_CORRELATION) -> QuantResult:
+    """Quantize an FP32 ViT ONNX model to a Q/DQ INT8 model (see the module docstring).
+    `min_correlation`: the fidelity guard of the auto recipe (guard_fidelity); None or 0: off."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise UserError(f"model not found: {model_path}")
@@ -801,6 +810,8 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
         raise UserError(f"unknown weight rounding '{weight_rounding}': choose from {', '.join(WEIGHT_ROUNDINGS)}")
     if method not in METHODS:
         raise UserError(f"unknown calibration method '{method}': choose from {', '.join(METHODS)}")
+    if min_correlation is not None and not 0 <= min_correlation < 1:
+        raise UserError(f"--min-correlation takes a number in [0, 1), got {min_correlation}")
     if calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {calib_size}")
     if smooth not in (None, "auto") and not (isinstance(smooth, (int, float)) and 0 < smooth < 1):
@@ -817,7 +828,8 @@ def quantize(model_path, calib_dir, out=None, method: str = "mse", exclude=(), c
                                 calib_size=calib_size, max_drop=max_drop, img_size=img_size, mean=mean, std=std,
                                 preset=preset, attention=attention, report=report, recalibrate=recalibrate,
                                 scheme=scheme, overflow_fix=overflow_fix, smooth=smooth,
-                                bias_correction=bias_correction, recipe=recipe, weight_rounding=weight_rounding)
+                                bias_correction=bias_correction, recipe=recipe, weight_rounding=weight_rounding,
+                                min_correlation=min_correlation)
 
 
 def _check_float32_weights(model, model_path: Path) -> None:
@@ -831,7 +843,7 @@ def _check_float32_weights(model, model_path: Path) -> None:
 
 def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude, calib_size, max_drop, img_size,
                      mean, std, preset, attention, report, recalibrate, scheme, overflow_fix, smooth,
-                     bias_correction, recipe, weight_rounding) -> QuantResult:
+                     bias_correction, recipe, weight_rounding, min_correlation) -> QuantResult:
     from .weights import sha256_file
 
     _check_float32_weights(model, model_path)
@@ -908,14 +920,14 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
     chosen_recipe, scores = "smoothquant", {}
     if choose:
         images = load_images((held_paths or calib_paths)[:SELECT_IMAGES], pre)[0]
-        ref = _run(model, images)[0]
-        scores["smoothquant"] = output_correlation(ref, _run(qmodel, images)[0])
+        ref = _run(model, images)
+        scores["smoothquant"] = output_correlation(ref, _run(qmodel, images))
     if recipe == "plain" or (choose and scores["smoothquant"]["worst"] < GOOD_ENOUGH):
         plain_args = (model, targets, excluded, stats0, overflow_fix, bias_correction)
         plain, plain_excluded, plain_corrected, plain_rounded = build_plain(
             *plain_args, calib if gptq and not choose else None)
         if choose:
-            scores["plain"] = output_correlation(ref, _run(plain, images)[0])
+            scores["plain"] = output_correlation(ref, _run(plain, images))
         if recipe == "plain" or scores["plain"]["worst"] > scores["smoothquant"]["worst"]:
             if gptq and choose:
                 plain, plain_excluded, plain_corrected, plain_rounded = build_plain(*plain_args, calib)
@@ -929,10 +941,32 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
         log.info("recipe: %s (output correlation worst/mean on %d images: %s)", chosen_recipe,
                  min(SELECT_IMAGES, len(held_paths or calib_paths)),
                  ", ".join(f"{k} {v['worst']:.5f}/{v['mean']:.5f}" for k, v in scores.items()))
+    fidelity, guarded = {}, []
+    # The guard: only where the chosen recipe (rounded to nearest) scored below GOOD_ENOUGH is
+    # the written model measured, and only below min_correlation does it act.
+    if choose and min_correlation and scores[chosen_recipe]["worst"] < GOOD_ENOUGH:
+        # more images than the choice's: the worst of few images flatters the tail
+        images = load_images((held_paths or calib_paths)[:GUARD_IMAGES], pre)[0]
+        ref = _run(model, images)
+        fidelity = output_correlation(ref, _run(qmodel, images))
+        if fidelity["worst"] < min_correlation:
+            if chosen_recipe == "plain":
+                def variant(extra: set[str]):
+                    m, excl, n, _ = build_plain(*plain_args[:2], plain_args[2] | extra, *plain_args[3:],
+                                                rounded=rounded)
+                    return m, excl, n
+            else:
+                def variant(extra: set[str]):
+                    m = build(excluded | extra)
+                    return m, excluded | extra, corrected[0]
+            kept = guard_fidelity(variant, product_groups(model, targets, excluded), ref, images, fidelity,
+                                  min_correlation)
+            if kept:
+                qmodel, excluded, corrected[0], fidelity, guarded = kept
     result = QuantResult(out, [], sorted(excluded), method, [p.name for p in calib_paths], [p.name for p in held_paths],
                          cache_hit=hit, preprocessing=pre.to_dict(), preprocessing_source=pre_source,
                          smoothed_layernorms=len(set(factors) & norms), smoothed_products=len(set(factors) - norms),
-                         recipe=chosen_recipe, recipe_scores=scores)
+                         recipe=chosen_recipe, recipe_scores=scores, fidelity=fidelity, guarded=guarded)
     if report or max_drop is not None:
         result.report = layer_report(model, qmodel, targets, excluded, calib)
     if max_drop is not None:
@@ -958,6 +992,8 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
                                   "gptq_weights": result.gptq_weights,
                                   "attention_products": result.attention_products,
                                   "quantized": len(result.quantized), "excluded": result.excluded,
+                                  "selection_correlation": fidelity, "fidelity_guard": {
+                                      "min_correlation": min_correlation, "returned_to_float": guarded},
                                   "size_folded": folded},
                  "preprocessing": pre.to_dict(), "preprocessing_source": pre_source})
     onnx_io.set_metadata(qmodel, meta)
@@ -969,7 +1005,7 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
 
 
 def build_plain(model: onnx.ModelProto, targets: list[QTarget], excluded: set[str], stats0: dict, overflow_fix: str,
-                bias_correction: bool, gptq_images: np.ndarray | None = None
+                bias_correction: bool, gptq_images: np.ndarray | None = None, rounded: dict | None = None
                 ) -> tuple[onnx.ModelProto, set[str], int, dict]:
     """The plain recipe, for trained ViTs whose rare large activations carry meaning: the
     full calibration range (no clipping: the massive activations of a DINOv2's class token
@@ -983,7 +1019,8 @@ def build_plain(model: onnx.ModelProto, targets: list[QTarget], excluded: set[st
     held-out image on both runtimes with 10 and with 32 calibration images (ORT 0.99499 ->
     0.99531 and 0.99654 -> 0.99728, OpenVINO 0.99398 -> 0.99520 and 0.99347 -> 0.99731) for
     1/12 of the Linears' INT8 gain.
-    `gptq_images`: round the weights by GPTQ on these calibration images (else nearest).
+    `gptq_images`: round the weights by GPTQ on these calibration images (else nearest);
+    `rounded`: GPTQ's roundings already made (each Linear's is its own: a subset stays valid).
     Returns (model, products in float, biases corrected, {weight: GPTQ's int8 and scale})."""
     skip = excluded | {t.node for t in first_layer(model, targets) + first_block(model, targets)} | \
         {t.node for t in targets if t.weight is None}
@@ -994,16 +1031,91 @@ def build_plain(model: onnx.ModelProto, targets: list[QTarget], excluded: set[st
         ranges[t.activation] = [max(abs(lo), abs(hi)), lo, hi]
     out = _copy(model)
     levels = weight_levels(model, chosen, overflow_fix)
-    rounded = gptq_weights(model, chosen, levels, gptq_images) if gptq_images is not None else {}
+    if rounded is None:
+        rounded = gptq_weights(model, chosen, levels, gptq_images) if gptq_images is not None else {}
     corrected = correct_biases(out, chosen, stats0, levels, rounded) if bias_correction else 0
     out = insert_qdq(out, chosen, ranges, "centred", levels, in_place=True, rounded=rounded)
     return out, {t.node for t in targets} - {t.node for t in chosen}, corrected, rounded
 
 
-def output_correlation(ref: np.ndarray, out: np.ndarray) -> dict:
-    """{"worst", "mean"} of the per-image correlation of `out` with the FP32 `ref`."""
-    r = correlation(ref, out)
-    return {"worst": round(float(r.min()), 6), "mean": round(float(r.mean()), 6)}
+def product_groups(model: onnx.ModelProto, targets: list[QTarget], excluded: set[str]) -> list[list[str]]:
+    """The quantized products in graph order, cut at each Softmax: about one transformer
+    block each (a block's query/key/value Linears come before its Softmax, the rest after),
+    the image-reading Conv alone. A graph with fewer than 4 such groups is cut into up to 8
+    equal runs instead. The unit that guard_fidelity returns to float."""
+    quantized = {t.node for t in targets} - excluded
+    groups, current = [], []
+    for n in model.graph.node:
+        if n.op_type == "Softmax" and current:
+            groups.append(current)
+            current = []
+        if n.name in quantized:
+            if n.op_type == "Conv":
+                groups.append([n.name])
+            else:
+                current.append(n.name)
+    if current:
+        groups.append(current)
+    if len(groups) < 4:
+        flat = [name for g in groups for name in g]
+        groups = [list(g) for g in np.array_split(np.array(flat, dtype=object), min(8, len(flat))) if len(g)]
+    return groups
+
+
+def guard_fidelity(variant, groups: list[list[str]], ref: list[np.ndarray], images: np.ndarray, fidelity: dict,
+                   target: float):
+    """Return groups of products to float until the worst image's output correlation with
+    FP32 reaches `target`: first each group alone, to rank them by what float gains, then
+    the best ones together, one at a time, at most GUARD_SHARE of the groups (a file mostly
+    in float would not be the INT8 model asked for: then the best reached is kept, with a
+    warning). What NNCF's accuracy control does by layer, here by block, and on output
+    correlation rather than a metric: a ViT backbone has no labels.
+    `variant(extra)` builds (model, excluded, biases corrected) with the products in `extra`
+    in float too. Returns (model, excluded, biases corrected, its correlation, the products
+    returned to float), or None where no group gained anything."""
+    before = fidelity["worst"]
+    log.info("fidelity guard: worst output correlation %.5f < %.4f on %d images; ranking %d groups of products",
+             before, target, len(images), len(groups))
+    alone = []
+    for g in groups:
+        m = variant(set(g))[0]
+        alone.append(output_correlation(ref, _run(m, images))["worst"])
+        del m
+    order = sorted(range(len(groups)), key=lambda i: -alone[i])[:max(1, int(len(groups) * GUARD_SHARE))]
+    best, extra, stalled, used = None, set(), 0, 0
+    for step, i in enumerate(order, 1):
+        extra |= set(groups[i])
+        m, excl, corrected = variant(extra)
+        score = output_correlation(ref, _run(m, images))
+        log.info("fidelity guard: %d product(s) in float, worst %.5f", len(extra), score["worst"])
+        if best is None or score["worst"] > best[3]["worst"]:
+            best, stalled, used = (m, excl, corrected, score, sorted(extra)), 0, step
+        else:
+            stalled += 1
+        if score["worst"] >= target or stalled == 2:  # reached, or two more groups in float gained nothing
+            break
+    if best[3]["worst"] < target:
+        log.warning("fidelity guard: with %d of %d groups of products in float the worst output correlation is "
+                    "%.5f, below %.4f; kept that file (see --report, --exclude)", used, len(groups),
+                    best[3]["worst"], target)
+    if best[3]["worst"] <= before:  # nothing gained: the file as it was
+        return None
+    return best
+
+
+def output_correlation(ref: list[np.ndarray], out: list[np.ndarray]) -> dict:
+    """{"worst", "mean"} of the per-image correlation of the model's outputs with FP32's:
+    the worst of every output and image, the mean of each output's mean (a model with a
+    second output, such as masks beside class scores, is judged on both)."""
+    rs = []
+    for a, b in zip(ref, out):
+        a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+        varies = a.std(1) > 0  # a row constant in FP32 (a one-number output) has no correlation
+        if varies.any():
+            rs.append(correlation(a[varies], b[varies]))
+    if not rs:  # nothing varies: how close the numbers are
+        rs = [cosine(ref[0], out[0])]
+    return {"worst": round(float(min(r.min() for r in rs)), 6), "mean": round(float(np.mean([r.mean() for r in rs])), 6)}
 
 
 def _fallback(model, qmodel, build, excluded, report, eval_paths, pre, max_drop, result):
@@ -1063,5 +1175,6 @@ def stage_quantize(tx, calib_dir, calib_size: int, method: str, force: bool, sta
                               "smoothed_products": result.smoothed_products,
                               "bias_corrected": result.bias_corrected,
                               "gptq_weights": result.gptq_weights,
-                              "attention_products": result.attention_products}}
+                              "attention_products": result.attention_products,
+                              "selection_correlation": result.fidelity, "returned_to_float": result.guarded}}
     return tx.add_artifact(entry, onnx_io.files_of(out))

@@ -153,3 +153,18 @@ def test_engine_from_another_tensorrt_version(tmp_path, monkeypatch):
     (tmp_path / "e.engine").write_bytes(b"x")
     with pytest.raises(UserError, match="built with TensorRT 10.3.0, this machine has 10.4.0"):
         tb.TrtRunner(tmp_path / "e.engine", {"runtime_version": "10.3.0"}, 8, 224)
+
+
+def test_a_graph_openvino_cannot_read_is_one_line(tmp_path):
+    """Some foreign exports trip OpenVINO's ONNX frontend (a trained conv-attention hybrid from
+    PyPI did, FP32 as well as INT8): the file's limit on that runtime, said in one line."""
+    from vit_deploy.backends.openvino_backend import _read
+
+    def convert():
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\nCheck 'false' failed at x.cpp:151:\n"
+                           "Model wasn't fully converted. Failed operations detailed log:\n-- Concat-17 with a message:\n"
+                           "Argument shapes are inconsistent\n\nSummary:\n-- Conversion is failed for: Concat-17\n")
+    with pytest.raises(UserError) as e:
+        _read(convert, tmp_path / "hybrid.onnx")
+    line = str(e.value)
+    assert "\n" not in line and "hybrid.onnx" in line and "OpenVINO" in line and "Concat-17" in line

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cpu import is_arm
+from ..errors import UserError
 from . import Runner
 
 RUNTIME = "openvino"
@@ -71,9 +72,9 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
             del model
             # read_model, not convert_model: the latter folds each uint8 Q/DQ pair back into a
             # signed FakeQuantize, and the products run with int8 activations again.
-            model = ov.Core().read_model(str(src))
+            model = _read(lambda: ov.Core().read_model(str(src)), onnx_path)
         else:
-            model = ov.convert_model(str(src))
+            model = _read(lambda: ov.convert_model(str(src)), onnx_path)
     # Bound the dynamic batch: 1 .. max_batch, as exported.
     name = model.inputs[0].get_any_name()
     shape = model.inputs[0].get_partial_shape()
@@ -90,6 +91,20 @@ def compile(onnx_path: Path, out: Path, precision: str, options: dict) -> tuple[
         # what the building machine's CPU resolves it to; each machine resolves it again
         "inference_precision_on_build_cpu": resolve_precision(policy),
         "compress_to_fp16": precision == "fp16"}
+
+
+def _read(convert, onnx_path: Path):
+    """OpenVINO's reading of an ONNX file; a graph its frontend cannot convert (some foreign
+    exports) is the file's limit on this runtime: one line naming the file and the ops."""
+    import openvino as ov
+    try:
+        return convert()
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        failed = next((ln for ln in lines if ln.startswith("-- Conversion is failed for")), None) or \
+            next((ln for ln in lines if "failed" in ln.lower()), lines[-1] if lines else type(e).__name__)
+        raise UserError(f"{onnx_path.name}: OpenVINO {ov.get_version()} cannot read this graph "
+                        f"({failed.lstrip('- ')[:300]})") from None
 
 
 def _stable_names(model) -> None:

@@ -187,6 +187,27 @@ def test_fidelity_guard_returns_the_blocks_that_gain_most_to_float(tiny, calib_d
     assert worst["off"] < 0.995 <= worst["on"]
 
 
+def test_fidelity_guard_ranks_groups_then_keeps_the_smallest_product_that_is_enough(monkeypatch):
+    """The guard's search on a stand-in model whose error comes from products b (large) and
+    d (small): group [d, e] gains most alone, and d alone is enough; the larger b is not
+    needed. With nothing that helps, the file stays as it was (None)."""
+    from vit_deploy import quantize as q
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=(6, 50))]
+    noise = rng.normal(size=(6, 50))
+
+    def fake_run(floated, images):
+        return [ref[0] + noise * (0.02 * ("b" not in floated) + 0.2 * ("d" not in floated))]
+    monkeypatch.setattr(q, "_run", fake_run)
+    variant = lambda extra: (frozenset(extra), {"base"} | extra, 0)  # noqa: E731  (model, excluded, corrected)
+    groups = [["a", "b", "c"], ["d", "e"], ["f"]]
+    start = q.output_correlation(ref, fake_run(frozenset(), None))
+    kept = q.guard_fidelity(variant, groups, ref, np.zeros((6, 1)), start, 0.99, sizes={"d": 10, "e": 1000})
+    assert kept[4] == ["d"] and kept[3]["worst"] >= 0.99 and kept[1] == {"base", "d"}
+    monkeypatch.setattr(q, "_run", lambda floated, images: [ref[0] + noise])  # float helps nowhere
+    assert q.guard_fidelity(variant, groups, ref, np.zeros((6, 1)), start, 0.99) is None
+
+
 def test_fidelity_is_judged_on_every_output():
     """A second output (masks beside class scores) counts; a one-number output per image has
     no correlation and is left out instead of scoring 0."""

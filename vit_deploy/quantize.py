@@ -959,8 +959,10 @@ def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude
                 def variant(extra: set[str]):
                     m = build(excluded | extra)
                     return m, excluded | extra, corrected[0]
+            inits = _initializers(model)
+            sizes = {t.node: int(np.prod(inits[t.weight].dims)) if t.weight in inits else 0 for t in targets}
             kept = guard_fidelity(variant, product_groups(model, targets, excluded), ref, images, fidelity,
-                                  min_correlation)
+                                  min_correlation, sizes)
             if kept:
                 qmodel, excluded, corrected[0], fidelity, guarded = kept
     result = QuantResult(out, [], sorted(excluded), method, [p.name for p in calib_paths], [p.name for p in held_paths],
@@ -1063,13 +1065,16 @@ def product_groups(model: onnx.ModelProto, targets: list[QTarget], excluded: set
 
 
 def guard_fidelity(variant, groups: list[list[str]], ref: list[np.ndarray], images: np.ndarray, fidelity: dict,
-                   target: float):
+                   target: float, sizes: dict[str, int] | None = None):
     """Return groups of products to float until the worst image's output correlation with
     FP32 reaches `target`: first each group alone, to rank them by what float gains, then
     the best ones together, one at a time, at most GUARD_SHARE of the groups (a file mostly
     in float would not be the INT8 model asked for: then the best reached is kept, with a
-    warning). What NNCF's accuracy control does by layer, here by block, and on output
-    correlation rather than a metric: a ViT backbone has no labels.
+    warning). Then, where one product of the last group added may be enough, each alone,
+    smallest weight first (`sizes`: weight elements per product; each product in float
+    costs its share of the INT8 speed-up). What NNCF's accuracy control does by layer,
+    here by block and then by product, and on output correlation rather than a metric: a
+    ViT backbone has no labels.
     `variant(extra)` builds (model, excluded, biases corrected) with the products in `extra`
     in float too. Returns (model, excluded, biases corrected, its correlation, the products
     returned to float), or None where no group gained anything."""
@@ -1083,6 +1088,7 @@ def guard_fidelity(variant, groups: list[list[str]], ref: list[np.ndarray], imag
         del m
     order = sorted(range(len(groups)), key=lambda i: -alone[i])[:max(1, int(len(groups) * GUARD_SHARE))]
     best, extra, stalled, used = None, set(), 0, 0
+    sizes = sizes or {}
     for step, i in enumerate(order, 1):
         extra |= set(groups[i])
         m, excl, corrected = variant(extra)
@@ -1094,6 +1100,17 @@ def guard_fidelity(variant, groups: list[list[str]], ref: list[np.ndarray], imag
             stalled += 1
         if score["worst"] >= target or stalled == 2:  # reached, or two more groups in float gained nothing
             break
+    if best[3]["worst"] >= target and len(groups[order[used - 1]]) > 1:
+        # the last group's products one at a time, smallest weight first: one may be enough
+        before_last = set(best[4]) - set(groups[order[used - 1]])
+        for node in sorted(groups[order[used - 1]], key=lambda n: sizes.get(n, 0)):
+            m, excl, corrected = variant(before_last | {node})
+            score = output_correlation(ref, _run(m, images))
+            if score["worst"] >= target:
+                log.info("fidelity guard: %d product(s) in float are enough, worst %.5f", len(before_last) + 1,
+                         score["worst"])
+                best = (m, excl, corrected, score, sorted(before_last | {node}))
+                break
     if best[3]["worst"] < target:
         log.warning("fidelity guard: with %d of %d groups of products in float the worst output correlation is "
                     "%.5f, below %.4f; kept that file (see --report, --exclude)", used, len(groups),

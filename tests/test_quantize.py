@@ -491,6 +491,23 @@ def test_corrupt_images_are_skipped_and_listed(tiny, calib_dir, tmp_path, caplog
     assert len(r.calibration_images) == 6 and "broken.jpg" not in r.calibration_images
 
 
+def test_a_16_bit_grey_png_and_a_tiff_read_as_their_8_bit_photo(calib_dir, tmp_path):
+    """Pillow alone clips a 16-bit grey image at 255 (a photo turned nearly white); TIFF files
+    count as images."""
+    from PIL import Image
+    from vit_deploy.images import preprocess
+    from vit_deploy.zoo import Preprocessing
+    grey = np.asarray(Image.open(list_images(calib_dir)[0]).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "photo.tif")
+    pre = Preprocessing(img_size=64, crop_pct=1.0)
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    assert np.abs(preprocess(tmp_path / "grey16.png", pre) - preprocess(tmp_path / "grey8.png", pre)).max() < 1e-6
+    assert np.abs(preprocess(tmp_path / "photo.tif", pre) - preprocess(tmp_path / "grey8.png", pre)).max() < 1e-6
+    assert {p.name for p in list_images(tmp_path)} == {"grey8.png", "grey16.png", "photo.tif"}
+
+
 def test_non_image_model_is_refused(tmp_path, calib_dir):
     from onnx import TensorProto, helper
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",

@@ -14,7 +14,7 @@ from .errors import UserError
 from .zoo import Preprocessing
 
 log = logging.getLogger("vit_deploy")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.Image.Resampling values
 
 
@@ -38,7 +38,7 @@ def preprocess(path: Path, pre: Preprocessing) -> np.ndarray:
     """One image file -> float32 [3, H, W]: resize short side, centre crop, normalize."""
     from PIL import Image
     with Image.open(path) as im:
-        im = im.convert("RGB")  # any mode (L, P, RGBA, CMYK, I;16) becomes RGB
+        im = _as_rgb(im)
         w, h = im.size
         short = pre.resize_size
         scale = short / min(w, h)
@@ -49,6 +49,17 @@ def preprocess(path: Path, pre: Preprocessing) -> np.ndarray:
         x = np.asarray(im, dtype=np.float32) / 255.0
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _as_rgb(im):
+    """Any mode (L, P, RGBA, CMYK, 16-bit grey) -> 8-bit RGB. Pillow's own conversion of a
+    16-bit grey image clips every value over 255 (a 16-bit PNG photo became nearly white):
+    its 0..65535 is scaled to 0..255 first."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max(initial=0) > 255):
+        grey = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def load_images(paths: list[Path], pre: Preprocessing, strict: bool = False) -> tuple[np.ndarray, list[Path]]:

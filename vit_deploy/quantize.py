@@ -121,7 +121,7 @@ class QuantResult:
     recipe: str = "smoothquant"
     recipe_scores: dict = field(default_factory=dict)
     gptq_weights: int = 0  # weights rounded by GPTQ (the rest: nearest)
-    fidelity: dict = field(default_factory=dict)  # the written model on the selection images, where measured
+    fidelity: dict = field(default_factory=dict)  # the written model on the guard's images, where measured
     guarded: list[str] = field(default_factory=list)  # products the fidelity guard returned to float
 
 
@@ -1081,18 +1081,28 @@ def guard_fidelity(variant, groups: list[list[str]], ref: list[np.ndarray], imag
     before = fidelity["worst"]
     log.info("fidelity guard: worst output correlation %.5f < %.4f on %d images; ranking %d groups of products",
              before, target, len(images), len(groups))
-    alone = []
+    def measure(m) -> dict:
+        return output_correlation(ref, _run(m, images))
+
+    alone, first = [], None  # first: the best group's build and score, which is also step 1 below
     for g in groups:
-        m = variant(set(g))[0]
-        alone.append(output_correlation(ref, _run(m, images))["worst"])
-        del m
+        built = variant(set(g))
+        score = measure(built[0])
+        alone.append(score["worst"])
+        if first is None or score["worst"] > first[1]["worst"]:
+            first = (built, score)
+        del built
     order = sorted(range(len(groups)), key=lambda i: -alone[i])[:max(1, int(len(groups) * GUARD_SHARE))]
     best, extra, stalled, used = None, set(), 0, 0
     sizes = sizes or {}
     for step, i in enumerate(order, 1):
         extra |= set(groups[i])
-        m, excl, corrected = variant(extra)
-        score = output_correlation(ref, _run(m, images))
+        if step == 1:
+            (m, excl, corrected), score = first
+            first = None
+        else:
+            m, excl, corrected = variant(extra)
+            score = measure(m)
         log.info("fidelity guard: %d product(s) in float, worst %.5f", len(extra), score["worst"])
         if best is None or score["worst"] > best[3]["worst"]:
             best, stalled, used = (m, excl, corrected, score, sorted(extra)), 0, step
@@ -1105,7 +1115,7 @@ def guard_fidelity(variant, groups: list[list[str]], ref: list[np.ndarray], imag
         before_last = set(best[4]) - set(groups[order[used - 1]])
         for node in sorted(groups[order[used - 1]], key=lambda n: sizes.get(n, 0)):
             m, excl, corrected = variant(before_last | {node})
-            score = output_correlation(ref, _run(m, images))
+            score = measure(m)
             if score["worst"] >= target:
                 log.info("fidelity guard: %d product(s) in float are enough, worst %.5f", len(before_last) + 1,
                          score["worst"])

@@ -291,6 +291,58 @@ def test_int8_fidelity_with_outliers_on_both_runtimes(graphs, kind, calib_dir, t
     assert g["result"].smoothed_products >= 2  # both fc2 inputs, by a Mul: no LayerNorm precedes them
 
 
+def test_channels_last_maps_get_the_whole_recipe(tmp_path, calib_dir):
+    """timm's Swin keeps [B, H, W, C] maps: its patch-merging LayerNorm -> Linear reads a
+    rank-4 channels-last tensor. Calibration took axis 1 of it for the channels (14 for
+    128 here), and outlier migration, GPTQ and bias correction each skipped that Linear
+    without a word: with outliers, INT8 fell to 0.87 (timm's swin_tiny layout, 224 px)."""
+    import timm
+    import torch
+    from foreign_graphs import IMAGENET, torch_export
+    from vit_deploy.layernorm_scaling import find_groups, inject_outliers
+    from vit_deploy.quantize import quantize
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=56,
+                              embed_dim=32, depths=(1, 1), num_heads=(1, 2), window_size=7).eval()
+    torch_export(model, tmp_path / "swin.onnx", 56, 17)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**IMAGENET, "size": {"shortest_edge": 56}}))
+    m = inject_outliers(onnx.load(str(tmp_path / "swin.onnx")))
+    merging = [g for g in find_groups(m) if "downsample" in g.output]
+    assert len(merging) == 1  # the patch-merging LayerNorm, read as [B, 7, 7, 128]
+    onnx.save(m, str(tmp_path / "swin.outliers.onnx"))
+    r = quantize(tmp_path / "swin.outliers.onnx", calib_dir, tmp_path / "swin.int8.onnx", calib_size=16)
+    assert r.smoothed_layernorms == len(find_groups(m))  # the patch-merging one too
+    linears = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.name in r.quantized
+               and any(i.name == n.input[1] for i in m.graph.initializer)]
+    assert r.gptq_weights == len(linears) == 9, linears  # 2 blocks x 4, and the merging's reduction
+    assert not r.guarded and r.recipe_scores[r.recipe]["worst"] >= 0.997, r.recipe_scores
+    x = _held_out(tmp_path / "swin.outliers.onnx", calib_dir)
+    assert _min_cos(_ort(tmp_path / "swin.outliers.onnx", x), _ort(tmp_path / "swin.int8.onnx", x)) >= 0.997
+
+
+def test_levit_int8_runs_on_openvino_with_a_bounded_batch(tmp_path, calib_dir):
+    """timm's LeViT flattens [B, T, C] to [B*T, C] before each BatchNorm. OpenVINO bounds
+    that computed shape when the batch is bounded (1..max_batch) and loses the static C;
+    its CPU plugin then failed the INT8 artifact's first run ("Can not clone with new
+    dims"). size_folding writes those Flattens (and Reshapes to [B*T, C]) with -1 for the
+    batch, so every other dimension is static."""
+    import timm
+    import torch
+    from foreign_graphs import IMAGENET, torch_export
+    from vit_deploy.quantize import quantize
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, num_classes=10, img_size=224).eval()
+    torch_export(model, tmp_path / "levit.onnx", 224, 17)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**IMAGENET, "size": {"shortest_edge": 224}}))
+    quantize(tmp_path / "levit.onnx", calib_dir, tmp_path / "levit.int8.onnx", calib_size=8)
+    assert not any(n.op_type == "Flatten" for n in onnx.load(str(tmp_path / "levit.int8.onnx")).graph.node)
+    ovb.compile(tmp_path / "levit.int8.onnx", tmp_path / "levit.int8.xml", "int8", {"max_batch": 8})
+    x = _held_out(tmp_path / "levit.onnx", calib_dir)[:3]
+    got, _ = _ov(tmp_path / "levit.int8.xml", x)  # batch 1, three times
+    assert _min_cos(_ort(tmp_path / "levit.int8.onnx", x), got) >= 0.999
+    assert _min_cos(_ort(tmp_path / "levit.onnx", x), got) >= 0.99
+
+
 def test_bias_correction_reaches_biases_behind_identity(graphs):
     """torch's exporter writes equal biases once and gives each Linear an Identity of it
     (the Hugging Face exports here, whose random biases are all zero): bias correction

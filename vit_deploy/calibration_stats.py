@@ -3,8 +3,9 @@ clipping threshold each quantized tensor gets from them.
 
 Two passes over the images: per-channel statistics first (|x| max, min, max, mean:
 what outlier migration, bias correction and the histogram range need), then a
-histogram of |x| per tensor for the threshold. Channels are the last axis of a
-token tensor ([batch, tokens, channels]) and axis 1 of an image tensor.
+histogram of |x| per tensor for the threshold. Channels are what the reading product
+sums over: axis 1 of a Conv's input ([N, C, H, W]), the last axis of a Linear's, whatever
+its rank (tokens [B, T, C]; the channels-last maps [B, H, W, C] of timm's Swin).
 """
 from __future__ import annotations
 
@@ -141,11 +142,19 @@ def _run_budgeted(sess, tensors: list[str], images: np.ndarray, label: str):
             size = fixed or int(max(1, min(8, OUTPUT_BUDGET // max(per_image, 1))))
 
 
-def _channels_last(x: np.ndarray) -> np.ndarray:
-    """[..., C] rows of channel values (image tensors [N, C, H, W] -> [N*H*W, C])."""
-    if x.ndim == 4:
+def _channels_last(x: np.ndarray, conv_input: bool = False) -> np.ndarray:
+    """Rows of channel values: [..., C] -> [rows, C]; a Conv's input [N, C, H, W] -> [N*H*W, C]."""
+    if conv_input and x.ndim > 2:
         x = np.moveaxis(x, 1, -1)
     return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(-1, 1)
+
+
+def conv_inputs(model: onnx.ModelProto) -> set[str]:
+    """Tensors a Conv reads as its data input: their channels are axis 1. A rank-4 tensor
+    that a Linear reads is channels-last (timm's Swin: [B, H, W, C] before its
+    patch-merging Linear); taking its axis 1 there gave 28 "channels" for 192, and outlier
+    migration, bias correction and GPTQ each skipped that Linear without a word."""
+    return {n.input[0] for n in model.graph.node if n.op_type == "Conv"}
 
 
 SAMPLE_ROWS = 512  # token rows kept per sampled tensor, for choosing the outlier migration
@@ -159,9 +168,10 @@ def collect_channel_stats(model: onnx.ModelProto, tensors: list[str], images: np
     rows_kept: dict[str, list] = {t: [] for t in sample}
     rng = np.random.default_rng(0)
     per_image = max(1, SAMPLE_ROWS // max(1, len(images)) + 1)
+    images_like = conv_inputs(model)
     for outs in _outputs_over(model, tensors, images, "calibrating (pass 1/2: channel statistics)"):
         for t, x in outs.items():
-            rows = _channels_last(x)
+            rows = _channels_last(x, t in images_like)
             if t in rows_kept:
                 take = min(len(rows), per_image * len(x))
                 rows_kept[t].append(rows[rng.choice(len(rows), take, replace=False)].copy())
@@ -214,7 +224,7 @@ def _grams_of(model: onnx.ModelProto, tensors: list[str], images: np.ndarray) ->
     grams: dict[str, np.ndarray] = {}
     for outs in _outputs_over(model, tensors, images, "calibrating (weight rounding)"):
         for t, x in outs.items():
-            rows = _channels_last(x).astype(np.float32, copy=False)
+            rows = _channels_last(x).astype(np.float32, copy=False)  # Linear inputs: channels last
             g = rows.T @ rows
             if t in grams:
                 grams[t] += g

@@ -76,7 +76,7 @@ MIN_CORRELATION = 0.995
 GUARD_SHARE = 0.5
 GUARD_IMAGES = 16  # the guard judges on up to this many held-out (else calibration) images
 OVERFLOW_FIXES = ("auto", "all", "first-layer", "off")
-RECIPE = "auto-smoothquant-or-plain-centred-gptq-guard-v9"  # in the stage's cache key: a new recipe rebuilds old bundles
+RECIPE = "auto-smoothquant-or-plain-centred-gptq-guard-v10"  # in the stage's cache key: a new recipe rebuilds old bundles
 SMOOTH_ALPHA = 0.5  # SmoothQuant's strength where none is searched: max|x_j|^a / max|W_j|^(1-a)
 MUL_GAIN = 0.5  # an explicit smoothing Mul must at least halve the Linear's output error to be worth its op
 
@@ -193,7 +193,7 @@ def _cache_dir() -> Path:
 
 def _calib_key(model_sha: str, image_shas: list[str], method: str, pre: Preprocessing, tensors: list[str],
                smooth) -> str:
-    blob = json.dumps(["stats-v5", model_sha, image_shas, method, pre.to_dict(), tensors, smooth,
+    blob = json.dumps(["stats-v6", model_sha, image_shas, method, pre.to_dict(), tensors, smooth,
                        cs.PERCENTILE, cs.BINS, ALPHAS, MUL_ALPHAS, MUL_GAIN])  # the smoothing factors depend on these
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

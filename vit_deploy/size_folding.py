@@ -113,9 +113,54 @@ def _values_at(model: onnx.ModelProto, tensors: list[str], shapes: list[list[int
 
 
 def fold_size_constants(model: onnx.ModelProto, img_size: int | None = None) -> int:
-    """In place: fix the image input's height and width (to img_size where dynamic) and
-    replace each shape-derived value that does not change with the batch by a constant.
-    Returns how many values were folded (0: the model is left as it was)."""
+    """In place: fix the image input's height and width (to img_size where dynamic), replace
+    each shape-derived value that does not change with the batch by a constant (a Reshape
+    target that does, by one with -1 for the batch) and each Flatten whose kept dimensions
+    that fixes by a Reshape. Returns how many (0: the model is left as it was)."""
+    folded = _fold_values(model, img_size)
+    dims = model.graph.input[0].type.tensor_type.shape.dim if len(model.graph.input) == 1 else []
+    if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[1:]):
+        folded += flatten_as_reshape(model)
+    return folded
+
+
+def flatten_as_reshape(model: onnx.ModelProto) -> int:
+    """In place: Flatten(x, axis k >= 1) -> Reshape(x, [-1, prod(dims[k:])]) where shape
+    inference gives x's dimensions from k on. Exact. Why: OpenVINO reads a Flatten as a
+    Reshape to a computed shape, bounds it by interval arithmetic when the batch is bounded
+    (1..max_batch) and loses the static width (LeViT: [7..3136, 1..57344] for [B*T, 128]);
+    on LeViT's INT8 graph its CPU plugin then failed at the first run."""
+    flattens = [n for n in model.graph.node if n.op_type == "Flatten"]
+    if not flattens:
+        return 0
+    shapes = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:  # shape inference cannot read some exports: leave their Flattens
+        log.info("flatten rewrite skipped: %s", str(e).splitlines()[0][:200])
+        return 0
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    done = 0
+    for n in flattens:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        dims = shapes.get(n.input[0])
+        if not dims:
+            continue
+        axis += len(dims) if axis < 0 else 0
+        kept = dims[axis:]
+        if not 1 <= axis < len(dims) or None in kept or 0 in kept:
+            continue
+        target = f"{n.output[0]}_flatten_shape"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([-1, int(np.prod(kept))], np.int64), target))
+        n.op_type = "Reshape"
+        del n.attribute[:]
+        n.input.append(target)
+        done += 1
+    return done
+
+
+def _fold_values(model: onnx.ModelProto, img_size: int | None) -> int:
     if len(model.graph.input) != 1 or any(n.op_type in DATA_DEPENDENT_SHAPES for n in model.graph.node):
         return 0
     edge = shape_derived(model)
@@ -137,15 +182,39 @@ def fold_size_constants(model: onnx.ModelProto, img_size: int | None = None) -> 
         return 0
     at1, at3 = values
     fixed = {t: a for t, a, b in zip(edge, at1, at3) if a.shape == b.shape and np.array_equal(a, b)}
-    if not fixed:
+    reshapes = _reshape_targets(model, [(t, a, b) for t, a, b in zip(edge, at1, at3) if t not in fixed])
+    if not fixed and not reshapes:
         return 0
     _fix_image_size(model, img_size)
     for n in model.graph.node:
         for k, i in enumerate(n.input):
-            if i in fixed:
+            if i in fixed or (i in reshapes and n.op_type == "Reshape" and k == 1):
                 n.input[k] = i + "_at_image_size"
-    for t, value in fixed.items():
+    for t, value in {**fixed, **reshapes}.items():
         model.graph.initializer.append(numpy_helper.from_array(value, t + "_at_image_size"))
     onnx_io.drop_dead_nodes(model)
     onnx_io.drop_unused_initializers(model)
-    return len(fixed)
+    return len(fixed) + len(reshapes)
+
+
+def _reshape_targets(model: onnx.ModelProto, varying) -> dict[str, np.ndarray]:
+    """{tensor: target with -1 for the batch} for the Reshape targets among `varying`
+    ((tensor, value at batch 1, at batch 3)) that differ in one entry alone, 3x at batch 3:
+    [B*T, C] -> [-1, C], [B, T, C] -> [-1, T, C]. Exact (Reshape infers the -1 from the
+    size), and what runtimes need to see every other dimension: OpenVINO bounds a computed
+    [B*T, C] by interval arithmetic, and on LeViT's INT8 graph (timm's flatten(0, 1) before
+    each BatchNorm) its CPU plugin then failed at the first run with batch 1..8."""
+    readers: dict[str, set] = {}
+    for n in model.graph.node:
+        for k, i in enumerate(n.input):
+            readers.setdefault(i, set()).add((n.op_type, k))
+    out = {}
+    for t, a, b in varying:
+        if readers.get(t) != {("Reshape", 1)} or a.ndim != 1 or a.shape != b.shape or (a == -1).any():
+            continue
+        differ = np.flatnonzero(a != b)
+        if len(differ) == 1 and a[differ[0]] > 0 and b[differ[0]] == 3 * a[differ[0]]:
+            target = a.copy()
+            target[differ[0]] = -1
+            out[t] = target
+    return out

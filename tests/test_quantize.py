@@ -424,13 +424,27 @@ def test_foreign_onnx_with_a_fixed_batch(tmp_path, calib_dir, batch):
     assert correlation(a, compiled(x)[0]).min() > 0.99
 
 
-@pytest.mark.parametrize("case, said", [("fp16", "weights are float16"), ("uint8-nhwc", "input 'x' is uint8 [batchx64x64x3]")])
+@pytest.mark.parametrize("case, said", [("fp16", "weights are float16"), ("uint8-nhwc", "input 'x' is uint8 [batchx64x64x3]"),
+                                        ("int8", "already quantized (it has DequantizeLinear, QuantizeLinear nodes)")])
 def test_a_file_not_made_of_float32_images_and_weights_is_refused(tmp_path, case, said, tiny):
-    """An FP16 export, or one that takes uint8 pixels channels-last: one line, exit 2."""
+    """An FP16 export, one that takes uint8 pixels channels-last, or one already quantized
+    (that wrote "0 matrix products in INT8" as a success): one line, exit 2."""
     from vit_deploy.fp16 import convert_to_fp16
     m = onnx.load(str(tiny))
     if case == "fp16":
         m = convert_to_fp16(m)
+    elif case == "int8":
+        from onnxruntime.quantization import QuantType, quantize_static
+        from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.left = [{m.graph.input[0].name: np.zeros((1, 3, 64, 64), np.float32)}]
+
+            def get_next(self):
+                return self.left.pop() if self.left else None
+        quantize_static(str(tiny), str(tmp_path / "m.onnx"), Reader(), weight_type=QuantType.QInt8)
+        m = onnx.load(str(tmp_path / "m.onnx"))
     else:
         t = m.graph.input[0].type.tensor_type
         t.elem_type = onnx.TensorProto.UINT8

@@ -841,11 +841,25 @@ def _check_float32_weights(model, model_path: Path) -> None:
                         "quantize takes an FP32 ONNX model (export it in float32)")
 
 
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv",
+                 "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "MatMulNBits", "QAttention", "QGemm")
+
+
+def _check_not_quantized(model, model_path: Path) -> None:
+    """A file another tool (or vit-deploy) already quantized: calibrating it again found no
+    float weights and wrote "0 matrix products in INT8" as a success. Say so in one line."""
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if found:
+        raise UserError(f"{model_path.name} is already quantized (it has {', '.join(found)} nodes); quantize takes "
+                        "the FP32 model it came from")
+
+
 def _quantize_loaded(model, model_path: Path, calib_dir, out, *, method, exclude, calib_size, max_drop, img_size,
                      mean, std, preset, attention, report, recalibrate, scheme, overflow_fix, smooth,
                      bias_correction, recipe, weight_rounding, min_correlation) -> QuantResult:
     from .weights import sha256_file
 
+    _check_not_quantized(model, model_path)
     _check_float32_weights(model, model_path)
     pre, pre_source = preprocessing_of(model, model_path, img_size, mean, std, preset)
     folded = fold_size_constants(model, pre.img_size)  # the INT8 file is for one image size anyway

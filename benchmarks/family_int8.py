@@ -11,7 +11,8 @@ float (the head, a CNN backbone, what the fidelity guard returned), min cosine a
 correlation against FP32 on the held-out shipped photos on both runtimes, ONNX Runtime's
 INT8 kernels (MatMulIntegerToFloat) against the quantized Linears, float products
 that still read a dequantized weight (should be 0), and OpenVINO's layers running in
-i8/u8. Fidelity only: no timing (see int8_peers.py for speed).
+i8/u8, and whether the file keeps TensorRT's Q/DQ rules (signed int8, zero point 0,
+weights per output channel). Fidelity only: no timing (see int8_peers.py for speed).
 
     python benchmarks/family_int8.py                       # every model
     python benchmarks/family_int8.py --models timm-swin,timm-levit
@@ -126,6 +127,25 @@ def _ort_kernels(path: Path, tmp: Path) -> tuple[int, int]:
     return sum(n.op_type == "MatMulIntegerToFloat" for n in m.graph.node), float_fed
 
 
+def tensorrt_valid(m) -> bool:
+    """The one file's TensorRT constraints: signed int8 with zero point 0 on every Q/DQ,
+    weights per output channel within +-127 (as tests/test_int8_graphs.py checks)."""
+    from onnx import numpy_helper
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = inits.get(n.input[2]) if len(n.input) > 2 else None
+        if zp is None or zp.dtype != np.int8 or zp.any():
+            return False
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            w, scale = inits[n.input[0]], inits[n.input[1]]
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            if w.dtype != np.int8 or w.min() < -127 or scale.size != w.shape[axis]:
+                return False
+    return True
+
+
 def measure(kind: str, tmp: Path) -> dict:
     import onnx
     from vit_deploy.backends import openvino_backend as ovb
@@ -154,30 +174,32 @@ def measure(kind: str, tmp: Path) -> dict:
             if op.get_rt_info()["runtimePrecision"].astype(str) in ("i8", "u8"))
     linears = sum(1 for t in find_targets(onnx.load(str(fp32))) if t.op_type in ("MatMul", "Gemm")
                   and t.node in r.quantized)
+    trt = tensorrt_valid(onnx.load(str(int8)))
     return {"model": kind, "recipe": r.recipe, "quantized": len(r.quantized), "float": len(r.excluded),
             "guarded": len(r.guarded), "attention": r.attention_products,
             "ort": (float(cosine(ref, got_ort).min()), float(correlation(ref, got_ort).mean())),
             "ov": (float(cosine(ref, got_ov).min()), float(correlation(ref, got_ov).mean())),
             "ort_kernels": kernels, "linears": linears,
-            "float_fed": float_fed,
+            "float_fed": float_fed, "tensorrt_valid": trt,
             "ov_int8": {k: ov_int8[k] for k in ("FullyConnected", "MatMul", "Convolution", "Subgraph") if ov_int8[k]},
             "seconds": round(time.time() - t0)}
 
 
 def table(rows: list[dict]) -> str:
     head = ("| model | recipe | INT8 / float products | ORT min cos / mean corr | OpenVINO min cos / mean corr "
-            "| ORT INT8 kernels / quantized Linears | float fed by a weight DQ | OpenVINO i8/u8 layers |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+            "| ORT INT8 kernels / quantized Linears | float fed by a weight DQ | OpenVINO i8/u8 layers "
+            "| TensorRT Q/DQ rules |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['model']} | failed: {r['error']} | | | | | | | |")
             continue
         guard = f", {r['guarded']} by the guard" if r["guarded"] else ""
         lines.append(f"| {r['model']} | {r['recipe']} | {r['quantized']} / {r['float']}{guard} "
                      f"| {r['ort'][0]:.5f} / {r['ort'][1]:.5f} | {r['ov'][0]:.5f} / {r['ov'][1]:.5f} "
                      f"| {r['ort_kernels']} / {r['linears']} | {r['float_fed']} "
-                     f"| {', '.join(f'{k} {v}' for k, v in r['ov_int8'].items())} |")
+                     f"| {', '.join(f'{k} {v}' for k, v in r['ov_int8'].items())} "
+                     f"| {'met' if r['tensorrt_valid'] else 'NOT met'} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -136,6 +136,28 @@ def test_external_data_is_one_file(tmp_path, monkeypatch):
     assert (tmp_path / "vit-ti16" / "model.onnx").stat().st_size < 200_000
 
 
+def test_a_model_the_tracer_cannot_run_is_one_line(tmp_path):
+    """timm's EVA-02 passes is_causal as a tensor under the tracer, and export ended in
+    scaled_dot_product_attention's TypeError traceback: one line naming the model, the error
+    and the model's line that raised it."""
+    from vit_deploy.errors import UserError
+    from vit_deploy.onnx_export import export_onnx
+
+    class Fails(torch.nn.Module):
+        img_size = 32
+
+        def forward(self, x):
+            if torch.jit.is_tracing():
+                raise TypeError("argument 'is_causal' must be bool, not Tensor")
+            return x.mean((2, 3))
+    with pytest.raises(UserError) as e:
+        export_onnx(Fails().eval(), tmp_path / "m.onnx", 17, {"model": "timm:fails"})
+    said = str(e.value)
+    assert said.startswith("timm:fails cannot be traced for ONNX export: TypeError: argument 'is_causal'"), said
+    assert "(at tests/test_export.py:" in said and "\n" not in said
+    assert not list(tmp_path.iterdir())  # no half-written parts left
+
+
 def test_bad_opset_and_image_size(tmp_path):
     code, _, err = run_cli("export", "--model", "vit-ti16", "--opset", "12", "--out", tmp_path)
     assert_one_line_error(code, err, "opset 12", "14 to 20")

@@ -67,6 +67,11 @@ def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None
             shutil.rmtree(tmp_dir, ignore_errors=True)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
             raise UserError(f"{name} cannot be exported to ONNX (opset {opset}): {first}") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # the model's own forward failed under the tracer (timm's EVA-02: a tensor is_causal)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise UserError(f"{name} cannot be traced for ONNX export: {_failure_line(e)}") from None
     proto = onnx_io.load(raw)
     proto.producer_name = "vit-deploy"
     onnx_io.set_metadata(proto, metadata or {})
@@ -74,6 +79,16 @@ def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None
     del proto
     shutil.rmtree(tmp_dir, ignore_errors=True)
     return Traced(files, _frozen_values(caught))
+
+
+def _failure_line(e: BaseException) -> str:
+    """The exception, and the last frame outside torch where it was raised: the model's code."""
+    import traceback
+    frames = traceback.extract_tb(e.__traceback__)
+    where = next((f for f in reversed(frames) if "/torch/" not in f.filename.replace("\\", "/")), None)
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    at = f" (at {Path(where.filename).parent.name}/{Path(where.filename).name}:{where.lineno})" if where else ""
+    return f"{type(e).__name__}: {first}{at}"
 
 
 def output_name(model) -> str:

@@ -136,26 +136,56 @@ def test_external_data_is_one_file(tmp_path, monkeypatch):
     assert (tmp_path / "vit-ti16" / "model.onnx").stat().st_size < 200_000
 
 
-def test_a_model_the_tracer_cannot_run_is_one_line(tmp_path):
+class TracerFails(torch.nn.Module):
+    """Fails under the TorchScript tracer as timm's EVA-02 does (is_causal as a tensor there)."""
+    img_size = 32
+
+    def __init__(self, also_under_export=False):
+        super().__init__()
+        self.proj, self.also_under_export = torch.nn.Linear(3, 5), also_under_export
+
+    def forward(self, x):
+        if torch.jit.is_tracing() or (self.also_under_export and torch.compiler.is_compiling()):
+            raise TypeError("argument 'is_causal' must be bool, not Tensor")
+        return self.proj(x.mean((2, 3)))
+
+
+def test_a_model_the_tracer_cannot_run_goes_through_the_dynamo_exporter(tmp_path):
     """timm's EVA-02 passes is_causal as a tensor under the tracer, and export ended in
-    scaled_dot_product_attention's TypeError traceback: one line naming the model, the error
-    and the model's line that raised it."""
+    scaled_dot_product_attention's TypeError traceback: torch's dynamo exporter runs such a
+    model, with the same input and output names and a dynamic batch."""
+    from vit_deploy.onnx_export import export_onnx
+    model = TracerFails().eval()
+    traced = export_onnx(model, tmp_path / "m.onnx", 17, {"model": "timm:fails"})
+    assert (traced.exporter, traced.opset) == ("dynamo", 18)
+    sess = ort_session(tmp_path / "m.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["images"] and sess.get_outputs()[0].name == "logits"
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            want = model(x).numpy()
+        assert np.abs(sess.run(None, {"images": x.numpy()})[0] - want).max() < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # weights inside, no parts left
+
+
+def test_a_model_neither_exporter_can_run_is_one_line(tmp_path, monkeypatch):
+    """Both exporters fail: one line naming the model, each error and the model's line."""
+    import importlib.util
+
     from vit_deploy.errors import UserError
     from vit_deploy.onnx_export import export_onnx
-
-    class Fails(torch.nn.Module):
-        img_size = 32
-
-        def forward(self, x):
-            if torch.jit.is_tracing():
-                raise TypeError("argument 'is_causal' must be bool, not Tensor")
-            return x.mean((2, 3))
     with pytest.raises(UserError) as e:
-        export_onnx(Fails().eval(), tmp_path / "m.onnx", 17, {"model": "timm:fails"})
+        export_onnx(TracerFails(also_under_export=True).eval(), tmp_path / "m.onnx", 17, {"model": "timm:fails"})
     said = str(e.value)
     assert said.startswith("timm:fails cannot be traced for ONNX export: TypeError: argument 'is_causal'"), said
-    assert "(at tests/test_export.py:" in said and "\n" not in said
+    assert "(at tests/test_export.py:" in said and "dynamo exporter failed too" in said and "\n" not in said
     assert not list(tmp_path.iterdir())  # no half-written parts left
+    # without onnxscript (torch's dynamo exporter needs it) the line says what to install
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxscript" else find_spec(n, *a))
+    with pytest.raises(UserError, match=r"^timm:fails cannot be traced .*`pip install onnxscript`"):
+        export_onnx(TracerFails().eval(), tmp_path / "m.onnx", 17, {"model": "timm:fails"})
+    assert not list(tmp_path.iterdir())
 
 
 def test_bad_opset_and_image_size(tmp_path):

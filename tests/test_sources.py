@@ -66,6 +66,9 @@ CASES = {
     "swin-tiny": ("timm:swin_tiny_patch4_window7_224", 64, {"window_size": 2, "depths": [1, 1, 1, 1]}, "logits",
                   _timm_reference("swin_tiny_patch4_window7_224", 64, {"window_size": 2, "depths": [1, 1, 1, 1]}),
                   None),
+    # the TorchScript tracer cannot run EVA-02 (is_causal as a tensor): torch's dynamo exporter does
+    "eva02": ("timm:eva02_tiny_patch14_224", 56, {"depth": 2}, "embedding",  # timm builds it headless
+              _timm_reference("eva02_tiny_patch14_224", 56, {"depth": 2}, pooled=True), None),
     "mobilevit-s": ("timm:mobilevit_s", 64, {}, "logits", _timm_reference("mobilevit_s", 64, {}), None),
     # timm builds the R50 hybrid headless by default (its published weights have no head)
     "r50-headless": ("timm:vit_base_r50_s16_224", 64, {"depth": 2}, "embedding",
@@ -79,6 +82,13 @@ CASES = {
                   lambda root: _hf_dir(root, "dinov2", transformers.Dinov2Model,
                                        transformers.Dinov2Config(**SMALL_HF, mlp_ratio=2, image_size=70,
                                                                  patch_size=14), 56, 64)),
+    # transformers' DINOv2 with registers: the TorchScript exporter has no antialiased bicubic resize
+    "hf-dinov2-reg": ("hf", None, {}, "embedding", _hf_reference(transformers.Dinov2WithRegistersModel,
+                                                                lambda o: o.pooler_output),
+                      lambda root: _hf_dir(root, "dinov2reg", transformers.Dinov2WithRegistersModel,
+                                           transformers.Dinov2WithRegistersConfig(**SMALL_HF, mlp_ratio=2,
+                                                                                  image_size=70, patch_size=14,
+                                                                                  num_register_tokens=4), 56, 64)),
     "hf-dinov2-cls": ("hf", None, {}, "logits",
                       _hf_reference(transformers.Dinov2ForImageClassification, lambda o: o.logits),
                       lambda root: _hf_dir(root, "dinov2cls", transformers.Dinov2ForImageClassification,
@@ -149,6 +159,16 @@ def test_check_rebuilds_the_reference_from_the_manifest(case_id, tmp_path_factor
     assert report["passed"], report["results"]
     fp32 = next(r for r in report["results"] if r["precision"] == "fp32")
     assert fp32["metrics"]["max_abs"] < 1e-3
+
+
+def test_the_exporter_used_is_in_the_manifest(tmp_path_factory):
+    """EVA-02 and transformers' DINOv2 with registers went through torch's dynamo exporter
+    (opset 18), the others through the tracer."""
+    onnx_entry = {k: next(a for a in _bundle(k, tmp_path_factory)["manifest"]["artifacts"] if a["backend"] == "onnx"
+                          and a["precision"] == "fp32") for k in ("eva02", "hf-dinov2-reg", "deit-distilled")}
+    for k in ("eva02", "hf-dinov2-reg"):
+        assert (onnx_entry[k]["exporter"], onnx_entry[k]["opset"]) == ("dynamo", 18), k
+    assert (onnx_entry["deit-distilled"]["exporter"], onnx_entry["deit-distilled"]["opset"]) == ("torchscript", 17)
 
 
 def test_preprocessing_comes_from_the_source():

@@ -188,6 +188,7 @@ ARTIFACT = record(
     optional={"files": mapping(sha256, key_node=rel_path, min_len=1, max_len=1024), "source": _text,
               "source_sha256": sha256, "cache_key": _text, "device": nullable(_text),
               "max_batch": integer(1, MAX_BATCH), "opset": integer(1, 1000), "quantization": QUANTIZATION,
+              "exporter": string(("torchscript", "dynamo")),
               "extra_files": list_of(rel_path, max_len=1024), "runtime_version": _text,
               # passed to OpenVINO as INFERENCE_PRECISION_HINT ("half": the CPU's own half type)
               "inference_precision_hint": string(("f32", "bf16", "f16", "half")),

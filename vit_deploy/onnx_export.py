@@ -1,8 +1,13 @@
 """Stage: a built torch model -> a verified, simplified ONNX file with a dynamic batch."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
+import re
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +22,7 @@ log = logging.getLogger("vit_deploy")
 OPSET_RANGE = (14, 20)
 INPUT, OUTPUT, EMBEDDING = "images", "logits", "embedding"
 TRACE_BATCH = 2
+MAX_DYNAMO_BATCH = 4096  # torch.export needs a bound it may assume; far above any max_batch
 VERIFY_BATCHES = (1, 4)  # both differ from the trace batch: a batch baked into a Reshape cannot pass
 # MatMul + Add stays as it is: Reshape-Gemm-Reshape on 3-D activations hides the
 # pattern that ONNX Runtime fuses into INT8 kernels (MatMulIntegerToFloat).
@@ -34,11 +40,17 @@ def check_opset(opset: int) -> None:
 class Traced:
     files: list[str]  # the files written
     warnings: list[str] = field(default_factory=list)  # where the tracer froze a Python value taken from a tensor
+    exporter: str = "torchscript"  # or "dynamo": torch's dynamo exporter, where the tracer could not run the model
+    opset: int = 17
+
+
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter writes opset 18+ (lower ones go through a version converter)
 
 
 def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None) -> Traced:
     """torch -> ONNX at `path`. Weight standardization is folded first. The output is
-    named after what the model gives (`logits` or `embedding`)."""
+    named after what the model gives (`logits` or `embedding`). A model whose forward fails
+    under the TorchScript tracer is exported by torch's dynamo exporter instead."""
     import torch
 
     from .models.resnetv2 import fold_weight_standardization
@@ -54,31 +66,83 @@ def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None
     tmp_dir = path.parent / (path.name + ".parts")
     tmp_dir.mkdir(parents=True, exist_ok=True)
     raw = tmp_dir / "model.onnx"
+    exporter = "torchscript"
     # The TorchScript exporter: no extra dependency, deterministic output, and
     # opset >= 17 gives LayerNormalization. It writes one file per tensor past 2 GB.
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # kept, not shown: they explain a failed verification
         try:
-            torch.onnx.export(model, (dummy,), str(raw), dynamo=False, opset_version=opset,
-                              input_names=[INPUT], output_names=[output],
-                              dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
-                              do_constant_folding=True)
-        except torch.onnx.errors.OnnxExporterError as e:  # an op with no ONNX form at this opset
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
-            raise UserError(f"{name} cannot be exported to ONNX (opset {opset}): {first}") from None
+            with _stdout_discarded():  # on failure it prints the whole TorchScript graph, from C++
+                torch.onnx.export(model, (dummy,), str(raw), dynamo=False, opset_version=opset,
+                                  input_names=[INPUT], output_names=[output],
+                                  dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
+                                  do_constant_folding=True)
         except MemoryError:
             raise
-        except Exception as e:  # the model's own forward failed under the tracer (timm's EVA-02: a tensor is_causal)
+        except Exception as e:
+            # an op with no TorchScript ONNX form (transformers' DINOv2 with registers: an
+            # antialiased bicubic resize), or the model's own forward failing under the tracer
+            # (timm's EVA-02: is_causal as a tensor): torch's dynamo exporter may do it
+            if isinstance(e, torch.onnx.errors.OnnxExporterError):
+                failure = f"{name} cannot be exported to ONNX (opset {opset}): " + \
+                    (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+            else:
+                failure = f"{name} cannot be traced for ONNX export: {_failure_line(e)}"
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise UserError(f"{name} cannot be traced for ONNX export: {_failure_line(e)}") from None
+            tmp_dir.mkdir(parents=True)
+            opset = max(opset, DYNAMO_MIN_OPSET)
+            _dynamo_export(model, dummy, raw, opset, output, failure, tmp_dir)
+            exporter = "dynamo"
+            caught.clear()  # the tracer's warnings are about the failed trace
+            log.warning("%s; exported with torch's dynamo exporter at opset %d instead", failure, opset)
     proto = onnx_io.load(raw)
     proto.producer_name = "vit-deploy"
     onnx_io.set_metadata(proto, metadata or {})
     files = onnx_io.save(proto, path)
     del proto
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    return Traced(files, _frozen_values(caught))
+    return Traced(files, _frozen_values(caught), exporter, opset)
+
+
+def _dynamo_export(model, dummy, raw: Path, opset: int, output: str, failure: str, tmp_dir: Path) -> None:
+    """torch.onnx.export's dynamo exporter (torch.export, then onnxscript), with a dynamic batch."""
+    import importlib.util
+
+    import torch
+    if importlib.util.find_spec("onnxscript") is None:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise UserError(f"{failure}; `pip install onnxscript` lets vit-deploy try torch's dynamo exporter")
+    quiet = logging.getLogger("onnxscript")  # its optimizer warns about each Split it does not fold
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            torch.onnx.export(model, (dummy,), str(raw), dynamo=True, opset_version=opset,
+                              input_names=[INPUT], output_names=[output],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMO_BATCH)},))
+    except MemoryError:
+        raise
+    except Exception as e:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        while (e.__cause__ or e.__context__) is not None:  # torch.onnx wraps the error that says why
+            e = e.__cause__ or e.__context__
+        raise UserError(f"{failure}; torch's dynamo exporter failed too: {_failure_line(e)}") from None
+    finally:
+        quiet.setLevel(level)
+
+
+@contextlib.contextmanager
+def _stdout_discarded():
+    """Standard output, Python's and the C++ libraries' (file descriptor 1), to nowhere meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(io.StringIO()):
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _failure_line(e: BaseException) -> str:
@@ -86,7 +150,7 @@ def _failure_line(e: BaseException) -> str:
     import traceback
     frames = traceback.extract_tb(e.__traceback__)
     where = next((f for f in reversed(frames) if "/torch/" not in f.filename.replace("\\", "/")), None)
-    first = (str(e).strip().splitlines() or [""])[0][:200]
+    first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [""])[0])[:200]  # no terminal colours
     at = f" (at {Path(where.filename).parent.name}/{Path(where.filename).name}:{where.lineno})" if where else ""
     return f"{type(e).__name__}: {first}{at}"
 

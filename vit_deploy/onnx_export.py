@@ -134,8 +134,14 @@ def _dynamo_export(model, dummy, raw: Path, opset: int, output: str, failure: st
 @contextlib.contextmanager
 def _stdout_discarded():
     """Standard output, Python's and the C++ libraries' (file descriptor 1), to nowhere meanwhile."""
-    sys.stdout.flush()
-    saved = os.dup(1)
+    if sys.stdout is not None:
+        sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (a daemon): only Python's output to silence
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+        return
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(io.StringIO()):
             os.dup2(null.fileno(), 1)

@@ -47,8 +47,9 @@ def stage_onnx(tx: Transaction, model, opset: int, simplify: bool, force: bool, 
     verification = stages.run("verify", ex.verify_onnx, path, model, trace_warnings=traced.warnings,
                               model_name=m["model"]["name"])
     from . import onnx_io
-    entry = {"backend": "onnx", "precision": "fp32", "opset": traced.opset, "exporter": traced.exporter, "simplified": ok,
-             "simplify_note": note, "verification": verification, "cache_key": key, "versions": versions}
+    entry = {"backend": "onnx", "precision": "fp32", "opset": traced.opset, "exporter": traced.exporter,
+             "simplified": ok, "simplify_note": note, "verification": verification, "cache_key": key,
+             "versions": versions}
     return tx.add_artifact(entry, onnx_io.files_of(path))
 
 

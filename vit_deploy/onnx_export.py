@@ -67,50 +67,49 @@ def export_onnx(model, path: Path, opset: int = 17, metadata: dict | None = None
     tmp_dir.mkdir(parents=True, exist_ok=True)
     raw = tmp_dir / "model.onnx"
     exporter = "torchscript"
-    # The TorchScript exporter: no extra dependency, deterministic output, and
-    # opset >= 17 gives LayerNormalization. It writes one file per tensor past 2 GB.
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")  # kept, not shown: they explain a failed verification
-        try:
-            with _stdout_discarded():  # on failure it prints the whole TorchScript graph, from C++
-                torch.onnx.export(model, (dummy,), str(raw), dynamo=False, opset_version=opset,
-                                  input_names=[INPUT], output_names=[output],
-                                  dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
-                                  do_constant_folding=True)
-        except MemoryError:
-            raise
-        except Exception as e:
-            # an op with no TorchScript ONNX form (transformers' DINOv2 with registers: an
-            # antialiased bicubic resize), or the model's own forward failing under the tracer
-            # (timm's EVA-02: is_causal as a tensor): torch's dynamo exporter may do it
-            if isinstance(e, torch.onnx.errors.OnnxExporterError):
-                failure = f"{name} cannot be exported to ONNX (opset {opset}): " + \
-                    (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
-            else:
-                failure = f"{name} cannot be traced for ONNX export: {_failure_line(e)}"
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-            opset = max(opset, DYNAMO_MIN_OPSET)
-            _dynamo_export(model, dummy, raw, opset, output, failure, tmp_dir)
-            exporter = "dynamo"
-            caught.clear()  # the tracer's warnings are about the failed trace
-            log.warning("%s; exported with torch's dynamo exporter at opset %d instead", failure, opset)
-    proto = onnx_io.load(raw)
-    proto.producer_name = "vit-deploy"
-    onnx_io.set_metadata(proto, metadata or {})
-    files = onnx_io.save(proto, path)
-    del proto
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    try:  # the parts directory goes, whatever happens
+        # The TorchScript exporter: no extra dependency, deterministic output, and
+        # opset >= 17 gives LayerNormalization. It writes one file per tensor past 2 GB.
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # kept, not shown: they explain a failed verification
+            try:
+                with _stdout_discarded():  # on failure it prints the whole TorchScript graph, from C++
+                    torch.onnx.export(model, (dummy,), str(raw), dynamo=False, opset_version=opset,
+                                      input_names=[INPUT], output_names=[output],
+                                      dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
+                                      do_constant_folding=True)
+            except MemoryError:
+                raise
+            except Exception as e:
+                # an op with no TorchScript ONNX form (transformers' DINOv2 with registers: an
+                # antialiased bicubic resize), or the model's own forward failing under the tracer
+                # (timm's EVA-02: is_causal as a tensor): torch's dynamo exporter may do it
+                if isinstance(e, torch.onnx.errors.OnnxExporterError):
+                    failure = f"{name} cannot be exported to ONNX (opset {opset}): " + \
+                        (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+                else:
+                    failure = f"{name} cannot be traced for ONNX export: {_failure_line(e)}"
+                opset = max(opset, DYNAMO_MIN_OPSET)
+                _dynamo_export(model, dummy, raw, opset, output, failure)
+                exporter = "dynamo"
+                caught.clear()  # the tracer's warnings are about the failed trace
+                log.warning("%s; exported with torch's dynamo exporter at opset %d instead", failure, opset)
+        proto = onnx_io.load(raw)
+        proto.producer_name = "vit-deploy"
+        onnx_io.set_metadata(proto, metadata or {})
+        files = onnx_io.save(proto, path)
+        del proto
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return Traced(files, _frozen_values(caught), exporter, opset)
 
 
-def _dynamo_export(model, dummy, raw: Path, opset: int, output: str, failure: str, tmp_dir: Path) -> None:
+def _dynamo_export(model, dummy, raw: Path, opset: int, output: str, failure: str) -> None:
     """torch.onnx.export's dynamo exporter (torch.export, then onnxscript), with a dynamic batch."""
     import importlib.util
 
     import torch
     if importlib.util.find_spec("onnxscript") is None:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise UserError(f"{failure}; `pip install onnxscript` lets vit-deploy try torch's dynamo exporter")
     quiet = logging.getLogger("onnxscript")  # its optimizer warns about each Split it does not fold
     level = quiet.level
@@ -123,7 +122,6 @@ def _dynamo_export(model, dummy, raw: Path, opset: int, output: str, failure: st
     except MemoryError:
         raise
     except Exception as e:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         while (e.__cause__ or e.__context__) is not None:  # torch.onnx wraps the error that says why
             e = e.__cause__ or e.__context__
         raise UserError(f"{failure}; torch's dynamo exporter failed too: {_failure_line(e)}") from None
